@@ -123,27 +123,36 @@ def get_config(arg=None):
   c.optim.clip_norm = 0.5
 
   if arg == "demo":
-    c.total_steps = 1500
+    c.total_steps = 1200
     c.log_every = 25
-    c.checkpoint_every = 500
+    c.checkpoint_every = 600
     c.dtype = "float32"
     c.remat_policy = "none"
+    c.scan_layers = False        # XLA:CPU runs the backward of scanned stacks slowly
     c.model.update(init="random", num_queries=16, prompt_len=8, caption_tokens=6,
                    connector_layers=2, connector_head_dim=32)
+    # The frozen "MLLM": a random-init 2-layer Qwen2 over the shapes-world word tokenizer
+    # (text-to-image only needs the text side). Its init std (0.3) makes it a more
+    # caption-sensitive random feature map than the usual 0.02.
     c.mllm.update(family="qwen2", prompt="plain", hf_config=dict(
         model_type="qwen2", vocab_size=64, hidden_size=64, intermediate_size=128,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True))
+        rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True,
+        initializer_range=0.3))
+    # 32px pixels as 8x8x48 "latents" (no autoencoder); a 4-block Sana DiT at width 64 with
+    # its optional sin-cos position table (a tiny DiT learns layouts much faster with it).
     c.decoder.update(autoencoder="pixels", pixel_patch=4, dit=dict(
         in_channels=48, out_channels=48, num_attention_heads=2, attention_head_dim=32,
         num_layers=4, num_cross_attention_heads=2, cross_attention_head_dim=32,
-        cross_attention_dim=64, caption_channels=64, mlp_ratio=2.5, sample_size=8))
+        cross_attention_dim=64, caption_channels=64, mlp_ratio=2.5, sample_size=8,
+        interpolation_scale=1.0))
+    c.flow.sigma_sampler = "logit_normal"   # SD3's density: faster than uniform on CPU budgets
     c.sample.update(num_steps=20, flow_shift=1.0, guidance=3.0, num_images=32)
     c.eval.update(num_images=128)
     c.data.resolution = 32
     c.data.batch_size = 32
     c.data.categories = "single_object,colors"
-    c.optim.lr = 1e-3
+    c.optim.lr = 2e-3
     c.optim.warmup_steps = 100
     c.optim.weight_decay = 0.01
   elif arg not in (None, ""):

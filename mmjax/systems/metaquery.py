@@ -84,8 +84,10 @@ class PromptFormat:
   """
 
   def __init__(self, kind: str, max_len: int, caption_tokens: int = 256,
-               tokenizer_dir: str = "", system_prompt: str = SYSTEM_PROMPT):
+               tokenizer_dir: str = "", system_prompt: str = SYSTEM_PROMPT,
+               suffix_ids: Sequence[int] = ()):
     self.kind, self.max_len, self.caption_tokens = kind, int(max_len), int(caption_tokens)
+    self._encode = None
     if kind == "plain":
       from mmjax.data.tokenizer import shapes_tokenizer  # pylint: disable=import-outside-toplevel
       self.tokenizer = shapes_tokenizer()
@@ -94,7 +96,7 @@ class PromptFormat:
       self._head, self._tail = [self.tokenizer.bos_id], []
       self.suffix_ids = np.asarray([self.tokenizer.eos_id], np.int32)
       self.vocab_size = self.tokenizer.vocab_size
-    elif kind == "chat":
+    elif kind == "chat" and tokenizer_dir:
       proc = lov.Processor.from_dir(tokenizer_dir)
       self.tokenizer = proc.tokenizer
       self._encode = lambda text: proc.tokenizer.encode(text, add_special_tokens=False).ids
@@ -105,11 +107,16 @@ class PromptFormat:
       self._head, self._tail = self._encode(before), self._encode(after)
       self.suffix_ids = np.asarray(self._encode("<|im_end|>"), np.int32)
       self.vocab_size = proc.tokenizer.get_vocab_size(with_added_tokens=True)
+    elif kind == "chat":   # no tokenizer (random init, AOT): the layout's shapes only
+      self.tokenizer, self.vocab_size = None, None
+      self.suffix_ids = np.asarray(suffix_ids, np.int32)
     else:
       raise ValueError(f"prompt kind {kind!r} is not 'plain' or 'chat'")
 
   def encode(self, caption: str) -> tuple[np.ndarray, np.ndarray]:
     """``(ids int32 [max_len], mask bool [max_len])``, left padded (pad id 0)."""
+    if self._encode is None:
+      raise ValueError("prompts need the MLLM's tokenizer: set mllm.path or mllm.tokenizer_dir")
     body = self._encode(caption)[:self.caption_tokens] if caption else []
     seq = (self._head + body + self._tail)[-self.max_len:]
     ids = np.zeros((self.max_len,), np.int32)
@@ -256,8 +263,9 @@ class MetaQueryModel(nn.Module):
   def _language_model(self) -> DecoderLM:
     return self.mllm if isinstance(self.mllm_cfg, LMConfig) else self.mllm.language_model
 
-  def condition(self, prompt_ids, prompt_mask):
-    """Left-padded prompts ``[b, P]`` -> condition ``[b, N, C]``.
+  def query_states(self, prompt_ids, prompt_mask):
+    """Left-padded prompts ``[b, P]`` -> the MLLM's final hidden states (after its final
+    norm) at the N query positions ``[b, N, D]``.
 
     Sequence: ``prompt (left padded) | begin | q_0 .. q_{N-1} | end | suffix``; causal mask
     over the real tokens; RoPE positions count real tokens (so padding changes nothing).
@@ -275,7 +283,11 @@ class MetaQueryModel(nn.Module):
                             jnp.ones((b, x.shape[1] - p), bool)], axis=1)
     h = lm.features(inputs_embeds=x, attention_mask=mask)                # post final norm
     h = h[:, p + 1:p + 1 + self.num_queries]                             # [b, N, D]
-    return self.bridge(core.constrain(h, ("act_batch", "act_length", "act_embed")))
+    return core.constrain(h, ("act_batch", "act_length", "act_embed"))
+
+  def condition(self, prompt_ids, prompt_mask):
+    """Left-padded prompts ``[b, P]`` -> the decoder's condition ``[b, N, C]``."""
+    return self.bridge(self.query_states(prompt_ids, prompt_mask))
 
   def velocity(self, latents, t, cond):
     return self.dit_model(latents, t, cond, None)
@@ -299,15 +311,16 @@ class MetaQueryModel(nn.Module):
 
 # ============================================================================ pretrained weights
 @functools.lru_cache(maxsize=4)
-def _host_checkpoint(kind: str, path: str) -> dict:
+def _host_checkpoint(kind: str, path: str, overrides: tuple) -> dict:
   """Flat ``{path: numpy}`` of a transformers / diffusers directory (read once)."""
   from mmjax.interop import hf  # pylint: disable=import-outside-toplevel
   from mmjax.interop.diffusers_io import load_diffusers  # pylint: disable=import-outside-toplevel
-  _, params = (hf.load_hf(path) if kind == "hf" else load_diffusers(path))
+  load = hf.load_hf if kind == "hf" else load_diffusers
+  _, params = load(path, **dict(overrides))
   return {k: np.asarray(v) for k, v in hf._flat(params).items()}  # pylint: disable=protected-access
 
 
-def _load_into(tree, kind: str, path: str):
+def _load_into(tree, kind: str, path: str, **overrides):
   """``tree`` (boxed init params of one group) with every leaf replaced by the checkpoint's.
 
   The values arrive through ``jax.pure_callback``: under ``jax.eval_shape`` (AOT, abstract
@@ -322,7 +335,7 @@ def _load_into(tree, kind: str, path: str):
   names = list(flat)
 
   def read():
-    ckpt = _host_checkpoint(kind, path)
+    ckpt = _host_checkpoint(kind, path, tuple(sorted(overrides.items())))
     missing = [n for n in names if n not in ckpt]
     if missing:
       raise ValueError(f"{path} lacks parameters {missing[:10]} (of {len(missing)})")
@@ -378,7 +391,8 @@ class MetaQuery(System):
     self.mllm_cfg = _mllm_config(config.mllm, dtype, config.scan_layers, config.remat_policy)
     text = self.mllm_cfg if isinstance(self.mllm_cfg, LMConfig) else self.mllm_cfg.text
     self.prompts = PromptFormat(config.mllm.prompt, m.prompt_len, m.caption_tokens,
-                                config.mllm.path or config.mllm.tokenizer_dir)
+                                config.mllm.path or config.mllm.tokenizer_dir,
+                                suffix_ids=(json.loads(text.hf_extra).get("eos_token_id", 0),))
     if config.mllm.prompt == "plain" and self.prompts.vocab_size > text.vocab_size:
       raise ValueError(f"the demo tokenizer has {self.prompts.vocab_size} ids, the MLLM "
                        f"vocabulary {text.vocab_size}")
@@ -401,9 +415,13 @@ class MetaQuery(System):
         dit=self.dit_cfg, autoencoder=dec.autoencoder, ae=self.ae_cfg,
         pixel_patch=dec.pixel_patch, query_init_std=m.query_init_std)
     self.resolution = config.data.resolution
-    self.empty_prompt = self.prompts.encode("")            # the unconditional branch
     self.sigmas, self.timesteps = solvers.flow_sigmas(config.sample.num_steps,
                                                       config.sample.flow_shift)
+
+  @functools.cached_property
+  def empty_prompt(self) -> tuple[np.ndarray, np.ndarray]:
+    """The unconditional branch's prompt: the template around an empty caption."""
+    return self.prompts.encode("")
 
   # -- checkpoints -------------------------------------------------------------------------
   def _paths(self) -> dict:
@@ -455,8 +473,9 @@ class MetaQuery(System):
     if self.config.model.init == "pretrained":
       params = dict(variables["params"])
       dec = self.config.decoder
-      params["mllm"] = _load_into(params["mllm"], "hf", self.config.mllm.path)
-      params["dit"] = _load_into(params["dit"], "diffusers", dec.dit_path)
+      scan = dict(scan_layers=self.config.scan_layers)
+      params["mllm"] = _load_into(params["mllm"], "hf", self.config.mllm.path, **scan)
+      params["dit"] = _load_into(params["dit"], "diffusers", dec.dit_path, **scan)
       if "vae" in params:
         params["vae"] = _load_into(params["vae"], "diffusers", dec.ae_path)
       variables = {**variables, "params": params}
