@@ -42,13 +42,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from mmjax import core
 from mmjax.data import image as image_ops
 from mmjax.data import BadRecord
 from mmjax.diffusion import masked, masked_sampler
 from mmjax.interop import hf as hf_io
+from mmjax.interop.subtree import load_into
 from mmjax.interop.tables import IDENTITY, LINEAR, Family, Rule, prefixed
 from mmjax.models import dream, llada, siglip
 from mmjax.models.llava_onevision import splice
@@ -98,8 +98,7 @@ class LavidaModel(nn.Module):
     """Views ``[n, S, S, 3]`` -> ``[n, grid^2, d_model]``: penultimate SigLIP features,
     projected, then bilinearly pooled (``g -> ceil(g/2)`` per side) when the geometry pools."""
     geo = self.config.geometry
-    s = self.config.vision.image_size          # tile cut to whole patches (378 for 384 / 14)
-    feats = self.vision_tower(views[:, :s, :s], output_hidden_states=True)["hidden_states"][-1]
+    feats = self.vision_tower(views)["encoder_output"]   # the tower ends at the feature layer
     feats = self.projector(feats)                                   # before pooling
     return pool_features(feats, geo.grid) if geo.pool else feats
 
@@ -138,11 +137,9 @@ def pool_features(feats, out_side: int):
 
 # ============================================================================ the system
 def _vision_tower_config(hf: dict, **kw) -> siglip.SiglipConfig:
-  """SigLIP without its head, on views cut to whole patches: ``SiglipVision`` patchifies by
-  a reshape, so it takes ``image_size = (tile // patch) * patch`` (378 for 384 / 14), the
-  pixels the reference's stride-14 convolution reads anyway."""
-  size = hf["image_size"] // hf["patch_size"] * hf["patch_size"]
-  return siglip.from_hf_config(dict(hf, vision_use_head=False, image_size=size), **kw)
+  """SigLIP without its head, at the tile size (384: 27 x 27 patches, a VALID stride-14
+  patch convolution as in the reference)."""
+  return siglip.from_hf_config(dict(hf, vision_use_head=False), **kw)
 
 
 def _read_json(path: str) -> dict:
@@ -261,9 +258,9 @@ class Lavida(System):
     if self.config.model.init == "pretrained":
       m = self.config.model
       params = dict(variables["params"])
-      params["language_model"] = _load_into(params["language_model"], m.llm_path)
+      params["language_model"] = load_into(params["language_model"], "hf", m.llm_path)
       depth = self.model_cfg.vision.stack.num_layers
-      params["vision_tower"] = _load_into(params["vision_tower"], m.vision_path,
+      params["vision_tower"] = load_into(params["vision_tower"], "hf", m.vision_path,
                                           num_layers=depth)
       variables = {**variables, "params": params}
     return variables
@@ -491,40 +488,6 @@ def format_table(result: dict) -> str:
   return "\n".join(lines)
 
 
-# ============================================================================ pretrained weights
-@functools.lru_cache(maxsize=2)
-def _host_checkpoint(path: str, overrides: tuple) -> dict:
-  _, params = hf_io.load_hf(path, **dict(overrides))
-  return {k: np.asarray(v) for k, v in _flat(params).items()}
-
-
-def _flat(tree) -> dict:
-  return {"/".join(k): v for k, v in traverse_util.flatten_dict(tree).items()}
-
-
-def _load_into(tree, path: str, **overrides):
-  """``tree`` (boxed init params) with every leaf read from the transformers directory
-  ``path`` through ``jax.pure_callback``: nothing is read under ``eval_shape`` (AOT), and under
-  ``jit(out_shardings=...)`` XLA places each leaf on its sharding. Extra checkpoint tensors
-  (SigLIP's head and last layer) are ignored; a missing or mis-shaped one is an error."""
-  unboxed = nn.unbox(tree)
-  flat = _flat(unboxed)
-  names = list(flat)
-
-  def read():
-    ckpt = _host_checkpoint(path, tuple(sorted(overrides.items())))
-    bad = [n for n in names if n not in ckpt or ckpt[n].shape != flat[n].shape]
-    if bad:
-      raise ValueError(f"{path}: parameters missing or mis-shaped: {bad[:10]}")
-    return tuple(ckpt[n].astype(flat[n].dtype) for n in names)
-
-  values = jax.pure_callback(read, tuple(jax.ShapeDtypeStruct(v.shape, v.dtype)
-                                         for v in flat.values()))
-  loaded = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in zip(names, values)})
-  return jax.tree.map(lambda box, v: box.replace_boxed(v) if isinstance(box, nn.Partitioned)
-                      else v, tree, loaded, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-
-
 # ============================================================================ export / import
 def from_hf_config(hf: dict, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                    scan_layers: bool = True, remat_policy: str = "none",
@@ -553,7 +516,7 @@ def to_hf_config(cfg: LavidaConfig) -> dict:
   backbone = cfg.text.family
   hf = BACKBONES[backbone].to_hf_config(cfg.text)
   geo, v = cfg.geometry, siglip.to_hf_config(cfg.vision)
-  v.update(vision_use_head=False, image_size=geo.tile)
+  v.update(vision_use_head=False)
   hf.update(json.loads(cfg.hf_extra))
   hf.update({
       "architectures": ["LlavaLladaForMaskedDiffusion" if backbone == "llada"

@@ -54,15 +54,18 @@ import numpy as np
 from mmjax import core
 from mmjax.data import BadRecord, image as image_ops
 from mmjax.diffusion import flow, solvers
+from mmjax.interop.subtree import load_into
 from mmjax.models import dc_ae, qwen2, sana_dit
 from mmjax.models import llava_onevision as lov
 from mmjax.models.lm import DecoderLM, LMConfig
 from mmjax.systems.base import System
+from mmjax.systems import metaquery_tasks as tasks_lib
 
 # The reference's system prompt (spec: "Prompt layout").
 SYSTEM_PROMPT = ("You will be given an image or its caption. Please describe the content of "
                  "the image in detail in your own words.")
 CONNECTORS = ("enc_proj", "proj_enc")
+TASKS = ("t2i", "reconstruct", "edit", "instruct")   # model.task
 AUTOENCODERS = ("dc_ae", "pixels")
 FROZEN = ("mllm", "vae")          # top-level parameter groups that never train
 
@@ -76,57 +79,118 @@ class PromptFormat:
   prompt, user turn with the caption (truncated to ``caption_tokens``), generation prompt,
   then ``"\\n"``; after the queries come ``<end_of_img><|im_end|>``.
   ``kind='plain'``: ``<bos> caption`` with a word tokenizer (the shapes-world demo MLLM has
-  no chat template); ``<eos>`` follows the end marker.
+  no chat template; ``tokenizer`` overrides ``shapes_tokenizer()``); ``<eos>`` follows the
+  end marker.
 
-  A prompt longer than ``max_len`` keeps its *end* (the caption is already truncated, so
-  only an absurdly long template would lose its start) -- the queries always see the
-  generation prompt.
+  Input images (MetaQuery's image tasks): ``encode(caption, num_images=n)`` puts ``n`` image
+  placeholders where the template puts them -- chat: the user turn's ``{"type": "image"}``
+  items, rendered by the checkpoint's template (LLaVA-OneVision: ``<image>`` before the
+  text); plain: right after ``<bos>`` -- each expanded to ``image_tokens`` copies of the
+  image token id (``image_token_id``), which the model replaces by the image's features.
+
+  A text-only prompt longer than ``max_len`` keeps its *end* (the caption is already
+  truncated, so only an absurdly long template would lose its start) -- the queries always
+  see the generation prompt. A prompt with images that does not fit is a configuration
+  error (``model.prompt_len`` too small), never silently cut.
   """
 
   def __init__(self, kind: str, max_len: int, caption_tokens: int = 256,
                tokenizer_dir: str = "", system_prompt: str = SYSTEM_PROMPT,
-               suffix_ids: Sequence[int] = ()):
+               suffix_ids: Sequence[int] = (), image_tokens: int = 0, tokenizer=None):
     self.kind, self.max_len, self.caption_tokens = kind, int(max_len), int(caption_tokens)
-    self._encode = None
+    self.image_tokens, self.image_token_id = int(image_tokens), None
+    self.system_prompt = system_prompt
+    self._encode, self._render, self._parts_cache = None, None, {}
     if kind == "plain":
-      from mmjax.data.tokenizer import shapes_tokenizer  # pylint: disable=import-outside-toplevel
-      self.tokenizer = shapes_tokenizer()
+      if tokenizer is None:
+        from mmjax.data.tokenizer import shapes_tokenizer  # pylint: disable=import-outside-toplevel
+        tokenizer = shapes_tokenizer()
+      self.tokenizer = tokenizer
       self._encode = lambda text: self.tokenizer.tokenizer.encode(
           text, add_special_tokens=False).ids
       self._head, self._tail = [self.tokenizer.bos_id], []
       self.suffix_ids = np.asarray([self.tokenizer.eos_id], np.int32)
       self.vocab_size = self.tokenizer.vocab_size
+      self.image_token_id = self.tokenizer.tokenizer.token_to_id("<image>")
     elif kind == "chat" and tokenizer_dir:
       proc = lov.Processor.from_dir(tokenizer_dir)
       self.tokenizer = proc.tokenizer
       self._encode = lambda text: proc.tokenizer.encode(text, add_special_tokens=False).ids
-      sentinel = "\x00CAPTION\x00"
-      text = proc.chat([{"role": "system", "content": [{"type": "text", "text": system_prompt}]},
-                        {"role": "user", "content": [{"type": "text", "text": sentinel}]}])
-      before, after = (text + "\n").split(sentinel)
-      self._head, self._tail = self._encode(before), self._encode(after)
+      self._render = proc.chat
+      self._head, self._tail = self._chat_parts(0)
       self.suffix_ids = np.asarray(self._encode("<|im_end|>"), np.int32)
       self.vocab_size = proc.tokenizer.get_vocab_size(with_added_tokens=True)
+      self.image_token_id = proc.image_token_id
     elif kind == "chat":   # no tokenizer (random init, AOT): the layout's shapes only
       self.tokenizer, self.vocab_size = None, None
       self.suffix_ids = np.asarray(suffix_ids, np.int32)
     else:
       raise ValueError(f"prompt kind {kind!r} is not 'plain' or 'chat'")
 
-  def encode(self, caption: str) -> tuple[np.ndarray, np.ndarray]:
+  _SENTINEL = "\x00CAPTION\x00"
+
+  def _chat_parts(self, num_images: int) -> tuple[list, list]:
+    """Token ids before / after the caption in the chat template with ``num_images``
+    image items (image token ids not yet expanded)."""
+    user = [{"type": "image"}] * num_images + [{"type": "text", "text": self._SENTINEL}]
+    text = self._render([{"role": "system",
+                          "content": [{"type": "text", "text": self.system_prompt}]},
+                         {"role": "user", "content": user}])
+    before, after = (text + "\n").split(self._SENTINEL)
+    return self._encode(before), self._encode(after)
+
+  def parts(self, num_images: int = 0) -> tuple[list, list]:
+    """``(head, tail)`` ids around the caption, image placeholders expanded."""
+    if num_images == 0:
+      return self._head, self._tail
+    if num_images not in self._parts_cache:
+      if self._encode is None:
+        raise ValueError("prompts need the MLLM's tokenizer: set mllm.path or "
+                         "mllm.tokenizer_dir")
+      if self.image_token_id is None or self.image_tokens <= 0:
+        raise ValueError("this prompt format has no image placeholders (image_tokens=0)")
+      if self.kind == "plain":
+        head, tail = self._head + [self.image_token_id] * num_images, list(self._tail)
+      else:
+        head, tail = self._chat_parts(num_images)
+      expand = lambda ids: [j for i in ids for j in (
+          [i] * self.image_tokens if i == self.image_token_id else [i])]
+      head, tail = expand(head), expand(tail)
+      found = (head + tail).count(self.image_token_id)
+      if found != num_images * self.image_tokens:
+        raise ValueError(f"the prompt template rendered {found // self.image_tokens} image "
+                         f"placeholders for {num_images} images")
+      self._parts_cache[num_images] = (head, tail)
+    return self._parts_cache[num_images]
+
+  def min_len(self, num_images: int = 0, caption_tokens: Optional[int] = None) -> int:
+    """Length of a prompt with ``num_images`` images and a caption of ``caption_tokens``
+    (default: the longest allowed) tokens."""
+    head, tail = self.parts(num_images)
+    return len(head) + len(tail) + (self.caption_tokens if caption_tokens is None
+                                    else caption_tokens)
+
+  def encode(self, caption: str, num_images: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``(ids int32 [max_len], mask bool [max_len])``, left padded (pad id 0)."""
     if self._encode is None:
       raise ValueError("prompts need the MLLM's tokenizer: set mllm.path or mllm.tokenizer_dir")
+    head, tail = self.parts(num_images)
     body = self._encode(caption)[:self.caption_tokens] if caption else []
-    seq = (self._head + body + self._tail)[-self.max_len:]
+    seq = head + body + tail
+    if num_images and len(seq) > self.max_len:
+      raise ValueError(f"a prompt with {num_images} image(s) needs {len(seq)} tokens, "
+                       f"model.prompt_len is {self.max_len}")
+    seq = seq[-self.max_len:]
     ids = np.zeros((self.max_len,), np.int32)
     mask = np.zeros((self.max_len,), bool)
     if seq:
       ids[-len(seq):], mask[-len(seq):] = seq, True
     return ids, mask
 
-  def encode_batch(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    pairs = [self.encode(c) for c in captions]
+  def encode_batch(self, captions: Sequence[str],
+                   num_images: int | Sequence[int] = 0) -> tuple[np.ndarray, np.ndarray]:
+    counts = [num_images] * len(captions) if isinstance(num_images, int) else num_images
+    pairs = [self.encode(c, n) for c, n in zip(captions, counts)]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
@@ -213,6 +277,37 @@ def _depthwise_as_shifts(next_fun, args, kwargs, context):
   return y + p["bias"].astype(mod.dtype) if "bias" in p else y
 
 
+def pack_views(feats, layout, newline):
+  """Projected per-view features ``[n, V, g*g, D]`` of ``n`` images that share one static
+  ``anyres.ImageLayout`` -> their image tokens ``[n, T, D]`` (``T = layout.num_tokens``):
+  ``LlavaOnevision.pack`` for every image at once (base view, then the grid picture
+  unpadded / resized with ``newline`` after each row; a base-only layout gets one newline)."""
+  n, _, _, d = feats.shape
+  nl = newline.astype(feats.dtype)
+  base = feats[:, 0]
+  if not layout.rows:
+    return jnp.concatenate([base, jnp.broadcast_to(nl, (n, 1, d))], axis=1)
+  g = layout.grid
+  pic = feats[:, 1:].reshape(n, layout.rows, layout.cols, g, g, d).transpose(0, 1, 3, 2, 4, 5)
+  pic = pic.reshape(n, layout.rows * g, layout.cols * g, d)
+  top, bottom, left, right = layout.crop
+  pic = pic[:, top:bottom, left:right]
+  if layout.resize_to is not None:
+    pic = jax.image.resize(pic, (n,) + tuple(layout.resize_to) + (d,), "linear",
+                           antialias=False)
+  h, w = layout.picture_hw
+  pic = jnp.concatenate([pic, jnp.broadcast_to(nl, (n, h, 1, d))], axis=2)
+  return jnp.concatenate([base, pic.reshape(n, h * (w + 1), d)], axis=1)
+
+
+def splice_rows(x, is_image, feats):
+  """Per row: the embeddings at ``is_image [b, L]`` (in order) replaced by ``feats [b, M, D]``
+  (row ``i``'s k-th image position gets ``feats[i, k]``; rows may hold fewer than ``M``)."""
+  idx = jnp.clip(jnp.cumsum(is_image.astype(jnp.int32), axis=1) - 1, 0, feats.shape[1] - 1)
+  picked = jnp.take_along_axis(feats, idx[..., None], axis=1)
+  return jnp.where(is_image[..., None], picked.astype(x.dtype), x)
+
+
 def space_to_depth(images, patch: int):
   """Pixel "latents" for CPU demos: ``[b, H, W, 3]`` in [-1, 1] -> ``[b, H/p, W/p, 3 p^2]``."""
   return dc_ae.pixel_unshuffle(images, patch) if patch > 1 else images
@@ -225,10 +320,18 @@ def depth_to_space(latents, patch: int):
 class MetaQueryModel(nn.Module):
   """MLLM + queries + connector + Sana DiT (+ DC-AE). Methods (``apply(..., method=...)``):
 
-  * ``condition(prompt_ids, prompt_mask) -> [b, N, C]``
+  * ``condition(prompt_ids, prompt_mask, views=None) -> [b, N, C]``
   * ``velocity(latents, t, cond) -> latents-shaped flow prediction`` (t on the 0..1000 scale)
   * ``encode_images(images [-1, 1]) -> latents`` / ``decode_latents(latents) -> images``
+  * ``image_tokens(views) -> [b, K*T, D]`` (image tasks: the frozen vision tower)
   * ``__call__`` runs all of them (initialisation).
+
+  Input images (``image_layout`` set): ``views [b, K, V, S, S, 3]`` -- K image slots per
+  example, V views per image, SigLIP-normalised -- go through the vision tower and the
+  projector (``lax.stop_gradient``: the tower is frozen and nothing upstream trains), are
+  packed per image (``pack_views``) and spliced, row by row in order, at the prompt's
+  ``image_token_id`` positions. A row with n < K images has n placeholder groups, in slots
+  0..n-1; the features of the empty slots are computed (static shapes) and never used.
   """
   mllm_cfg: Any                         # LMConfig (text MLLM) | LlavaOnevisionConfig
   num_queries: int
@@ -239,6 +342,8 @@ class MetaQueryModel(nn.Module):
   ae: Optional[dc_ae.DCAEConfig] = None
   pixel_patch: int = 4
   query_init_std: float = 0.02
+  image_layout: Optional[Any] = None    # anyres.ImageLayout of every input image (tasks)
+  image_token_id: int = -1
 
   def setup(self):
     cfg = self.mllm_cfg
@@ -263,9 +368,25 @@ class MetaQueryModel(nn.Module):
   def _language_model(self) -> DecoderLM:
     return self.mllm if isinstance(self.mllm_cfg, LMConfig) else self.mllm.language_model
 
-  def query_states(self, prompt_ids, prompt_mask):
-    """Left-padded prompts ``[b, P]`` -> the MLLM's final hidden states (after its final
-    norm) at the N query positions ``[b, N, D]``.
+  def image_tokens(self, views):
+    """``[b, K, V, S, S, 3]`` normalised views -> image tokens ``[b, K*T, D]`` (frozen tower,
+    no gradient)."""
+    if self.image_layout is None or isinstance(self.mllm_cfg, LMConfig):
+      raise ValueError("input images need an MLLM with a vision tower and an image layout")
+    b, k, v = views.shape[:3]
+    vis = self.mllm.vision_tower(views.reshape((b * k * v,) + views.shape[3:]))
+    feats = vis["encoder_output"]                                        # hidden_states[-1]
+    if self.mllm_cfg.feature_select == "default":
+      feats = feats[:, 1:]
+    feats = self.mllm.projector(feats)                                   # [bkv, g*g, D]
+    feats = pack_views(feats.reshape((b * k, v) + feats.shape[1:]), self.image_layout,
+                       self.mllm.image_newline)                          # [bk, T, D]
+    return jax.lax.stop_gradient(feats.reshape(b, -1, feats.shape[-1]))
+
+  def query_states(self, prompt_ids, prompt_mask, views=None):
+    """Left-padded prompts ``[b, P]`` (and input image views, see the class docstring) ->
+    the MLLM's final hidden states (after its final norm) at the N query positions
+    ``[b, N, D]``.
 
     Sequence: ``prompt (left padded) | begin | q_0 .. q_{N-1} | end | suffix``; causal mask
     over the real tokens; RoPE positions count real tokens (so padding changes nothing).
@@ -274,6 +395,8 @@ class MetaQueryModel(nn.Module):
     b, p = prompt_ids.shape
     dtype = self.text_config.stack.dtype
     prompt = lm.embed(prompt_ids)                                        # [b, P, D]
+    if views is not None:
+      prompt = splice_rows(prompt, prompt_ids == self.image_token_id, self.image_tokens(views))
     suffix = lm.embed(jnp.broadcast_to(jnp.asarray(self.suffix_ids, jnp.int32),
                                        (b, len(self.suffix_ids))))
     block = jnp.concatenate([self.markers[:1], self.queries, self.markers[1:]]).astype(dtype)
@@ -285,9 +408,10 @@ class MetaQueryModel(nn.Module):
     h = h[:, p + 1:p + 1 + self.num_queries]                             # [b, N, D]
     return core.constrain(h, ("act_batch", "act_length", "act_embed"))
 
-  def condition(self, prompt_ids, prompt_mask):
-    """Left-padded prompts ``[b, P]`` -> the decoder's condition ``[b, N, C]``."""
-    return self.bridge(self.query_states(prompt_ids, prompt_mask))
+  def condition(self, prompt_ids, prompt_mask, views=None):
+    """Left-padded prompts ``[b, P]`` (+ input image views) -> the decoder's condition
+    ``[b, N, C]``."""
+    return self.bridge(self.query_states(prompt_ids, prompt_mask, views))
 
   def velocity(self, latents, t, cond):
     return self.dit_model(latents, t, cond, None)
@@ -302,58 +426,11 @@ class MetaQueryModel(nn.Module):
       return depth_to_space(latents, self.pixel_patch)
     return self.vae.decode(dc_ae.unscale_latents(latents, self.ae))
 
-  def __call__(self, prompt_ids, prompt_mask, images):
+  def __call__(self, prompt_ids, prompt_mask, images, views=None):
     z = self.encode_images(images)
-    cond = self.condition(prompt_ids, prompt_mask)
+    cond = self.condition(prompt_ids, prompt_mask, views)
     v = self.velocity(z, jnp.zeros((z.shape[0],), jnp.float32), cond)
     return v, self.decode_latents(z)
-
-
-# ============================================================================ pretrained weights
-@functools.lru_cache(maxsize=4)
-def _host_checkpoint(kind: str, path: str, overrides: tuple) -> dict:
-  """Flat ``{path: numpy}`` of a transformers / diffusers directory (read once)."""
-  from mmjax.interop import hf  # pylint: disable=import-outside-toplevel
-  from mmjax.interop.diffusers_io import load_diffusers  # pylint: disable=import-outside-toplevel
-  load = hf.load_hf if kind == "hf" else load_diffusers
-  _, params = load(path, **dict(overrides))
-  return {k: np.asarray(v) for k, v in hf._flat(params).items()}  # pylint: disable=protected-access
-
-
-def _load_into(tree, kind: str, path: str, **overrides):
-  """``tree`` (boxed init params of one group) with every leaf replaced by the checkpoint's.
-
-  The values arrive through ``jax.pure_callback``: under ``jax.eval_shape`` (AOT, abstract
-  state) nothing is read; under ``jax.jit(init, out_shardings=...)`` the host reads the
-  directory once and XLA places each leaf on its sharding. Checkpoint tensors the model does
-  not use (an LM head, a vision tower for text-to-image) are ignored; a parameter missing
-  from the checkpoint is an error naming it.
-  """
-  unboxed = nn.unbox(tree)
-  flat = {"/".join(str(getattr(k, "key", k)) for k in kp): v
-          for kp, v in jax.tree_util.tree_flatten_with_path(unboxed)[0]}
-  names = list(flat)
-
-  def read():
-    ckpt = _host_checkpoint(kind, path, tuple(sorted(overrides.items())))
-    missing = [n for n in names if n not in ckpt]
-    if missing:
-      raise ValueError(f"{path} lacks parameters {missing[:10]} (of {len(missing)})")
-    bad = [f"{n}: {ckpt[n].shape} vs {flat[n].shape}" for n in names
-           if tuple(ckpt[n].shape) != tuple(flat[n].shape)]
-    if bad:
-      raise ValueError(f"{path} has mis-shaped parameters: {bad[:10]}")
-    return tuple(ckpt[n].astype(flat[n].dtype) for n in names)
-
-  shapes = tuple(jax.ShapeDtypeStruct(v.shape, v.dtype) for v in flat.values())
-  values = dict(zip(names, jax.pure_callback(read, shapes)))
-  leaves = jax.tree_util.tree_flatten_with_path(unboxed)[0]
-  new = [values["/".join(str(getattr(k, "key", k)) for k in kp)] for kp, _ in leaves]
-  new_unboxed = jax.tree_util.tree_unflatten(jax.tree.structure(unboxed), new)
-  # re-box with the original logical names
-  return jax.tree.map(lambda box, v: box.replace_boxed(v) if isinstance(box, nn.Partitioned)
-                      else v, tree, new_unboxed,
-                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 # ============================================================================ the system
@@ -390,12 +467,24 @@ class MetaQuery(System):
     dtype = jnp.dtype(config.dtype)
     self.mllm_cfg = _mllm_config(config.mllm, dtype, config.scan_layers, config.remat_policy)
     text = self.mllm_cfg if isinstance(self.mllm_cfg, LMConfig) else self.mllm_cfg.text
-    self.prompts = PromptFormat(config.mllm.prompt, m.prompt_len, m.caption_tokens,
-                                config.mllm.path or config.mllm.tokenizer_dir,
-                                suffix_ids=(json.loads(text.hf_extra).get("eos_token_id", 0),))
+    self.task = m.get("task", "t2i")
+    if self.task not in TASKS:
+      raise ValueError(f"model.task {self.task!r} is not one of {TASKS}")
+    # image tasks: one static layout per input image, K image slots per example
+    self.images = None if self.task == "t2i" else tasks_lib.ImageInputs.from_config(
+        self.task, self.mllm_cfg, m)
+    self.prompts = PromptFormat(
+        config.mllm.prompt, m.prompt_len, m.caption_tokens,
+        config.mllm.path or config.mllm.tokenizer_dir,
+        suffix_ids=(json.loads(text.hf_extra).get("eos_token_id", 0),),
+        image_tokens=self.images.tokens_per_image if self.images else 0,
+        tokenizer=(tasks_lib.plain_tokenizer() if self.images and config.mllm.prompt == "plain"
+                   else None))
     if config.mllm.prompt == "plain" and self.prompts.vocab_size > text.vocab_size:
       raise ValueError(f"the demo tokenizer has {self.prompts.vocab_size} ids, the MLLM "
                        f"vocabulary {text.vocab_size}")
+    if self.images:
+      self.images.check_prompts(self.prompts, self.mllm_cfg)
     self.dit_cfg = _diffusers_config(dec.dit, dec.dit_path, sana_dit.SanaConfig, dtype=dtype,
                                      scan_layers=config.scan_layers,
                                      remat_policy=config.remat_policy)
@@ -413,7 +502,9 @@ class MetaQuery(System):
         mllm_cfg=self.mllm_cfg, num_queries=m.num_queries,
         suffix_ids=tuple(int(i) for i in self.prompts.suffix_ids), connector=self.conn_cfg,
         dit=self.dit_cfg, autoencoder=dec.autoencoder, ae=self.ae_cfg,
-        pixel_patch=dec.pixel_patch, query_init_std=m.query_init_std)
+        pixel_patch=dec.pixel_patch, query_init_std=m.query_init_std,
+        image_layout=self.images.layout if self.images else None,
+        image_token_id=self.mllm_cfg.image_token_id if self.images else -1)
     self.resolution = config.data.resolution
     self.sigmas, self.timesteps = solvers.flow_sigmas(config.sample.num_steps,
                                                       config.sample.flow_shift)
@@ -451,6 +542,8 @@ class MetaQuery(System):
 
   # -- data ---------------------------------------------------------------------------------
   def preprocess(self, record, rng):
+    if self.images:    # image tasks (tasks_lib: source images, placeholders, views)
+      return tasks_lib.preprocess(self, record)
     image = image_ops.decode_image(record["image"])
     if image.shape[:2] != (self.resolution, self.resolution):
       image = image_ops.resize_crop(image, self.resolution)
@@ -462,22 +555,25 @@ class MetaQuery(System):
 
   def dummy_batch(self, batch_size):
     r, p = self.resolution, self.prompts.max_len
-    return {"images": np.zeros((batch_size, r, r, 3), np.float32),
-            "prompt_ids": np.zeros((batch_size, p), np.int32),
-            "prompt_mask": np.ones((batch_size, p), bool)}
+    batch = {"images": np.zeros((batch_size, r, r, 3), np.float32),
+             "prompt_ids": np.zeros((batch_size, p), np.int32),
+             "prompt_mask": np.ones((batch_size, p), bool)}
+    if self.images:
+      batch.update(self.images.dummy(batch_size, p))
+    return batch
 
   # -- parameters ---------------------------------------------------------------------------
   def init(self, rng, batch):
     variables = self.model.init(rng, batch["prompt_ids"], batch["prompt_mask"],
-                                batch["images"])
+                                batch["images"], batch.get("input_views"))
     if self.config.model.init == "pretrained":
       params = dict(variables["params"])
       dec = self.config.decoder
       scan = dict(scan_layers=self.config.scan_layers)
-      params["mllm"] = _load_into(params["mllm"], "hf", self.config.mllm.path, **scan)
-      params["dit"] = _load_into(params["dit"], "diffusers", dec.dit_path, **scan)
+      params["mllm"] = load_into(params["mllm"], "hf", self.config.mllm.path, **scan)
+      params["dit"] = load_into(params["dit"], "diffusers", dec.dit_path, **scan)
       if "vae" in params:
-        params["vae"] = _load_into(params["vae"], "diffusers", dec.ae_path)
+        params["vae"] = load_into(params["vae"], "diffusers", dec.ae_path)
       variables = {**variables, "params": params}
     return variables
 
@@ -512,16 +608,20 @@ class MetaQuery(System):
     fm = self.config.flow
     apply = functools.partial(self.apply, params)
     x0 = jax.lax.stop_gradient(apply(batch["images"], method=MetaQueryModel.encode_images))
-    ids, mask, drop = self._drop_captions(k_drop, batch["prompt_ids"], batch["prompt_mask"])
+    if self.images:    # image tasks: per-task dropout to the null prompt / black images
+      ids, mask, views, metrics = tasks_lib.drop_conditions(self, k_drop, batch)
+    else:
+      ids, mask, drop = self._drop_captions(k_drop, batch["prompt_ids"], batch["prompt_mask"])
+      views, metrics = None, {"dropped": drop.mean()}
     sigma = flow.sample_sigmas(k_sigma, x0.shape[0], kind=fm.sigma_sampler,
                                num_levels=fm.num_levels or None, shift=fm.shift,
                                logit_mean=fm.logit_mean, logit_std=fm.logit_std)
     eps = jax.random.normal(k_noise, x0.shape, jnp.float32)
-    cond = apply(ids, mask, method=MetaQueryModel.condition)
+    cond = apply(ids, mask, views, method=MetaQueryModel.condition)
     pred = apply(flow.add_noise(x0, eps, sigma), flow.timesteps_from_sigmas(sigma), cond,
                  method=MetaQueryModel.velocity)
     loss = flow.flow_matching_loss(pred, x0, eps)
-    return loss, {"dropped": drop.mean(), "cond_rms": jnp.sqrt(jnp.mean(jnp.square(
+    return loss, {**metrics, "cond_rms": jnp.sqrt(jnp.mean(jnp.square(
         cond.astype(jnp.float32))))}
 
   def flops_per_step(self, batch_size):
@@ -537,7 +637,8 @@ class MetaQuery(System):
                       + conn.in_dim * conn.out_dim + conn.out_dim ** 2)
     dit_f = 6 * dit_flops_per_sample(d, self.latent_shape, n)
     ae_f = self._ae_encode_flops()
-    return float(batch_size * (mllm_f + conn_f + dit_f + ae_f))
+    vis_f = self.images.vision_flops(mllm) if self.images else 0.0
+    return float(batch_size * (mllm_f + conn_f + dit_f + ae_f + vis_f))
 
   @property
   def latent_shape(self) -> tuple:
@@ -604,6 +705,9 @@ class MetaQuery(System):
 
   # -- modes --------------------------------------------------------------------------------
   def modes(self):
+    if self.images:
+      return {"sample": functools.partial(tasks_lib.sample_mode, self),
+              "eval": functools.partial(tasks_lib.eval_mode, self), "export": self.export_mode}
     return {"sample": self.sample_mode, "eval": self.eval_mode, "export": self.export_mode}
 
   def _eval_scenes(self, num):
