@@ -30,6 +30,31 @@ With ``eos_id`` the returned answer is truncated at the first EOS: every later p
 set to EOS (LaViDa's released decode drops special tokens instead, keeping any text after an
 EOS). The proposal never picks [MASK] itself (its logit is set to -inf).
 
+Infill (``draft_ids=``; LaViDa-FIM inference): the answer starts from a user draft instead
+of all [MASK]. Draft positions holding ``mask_id`` are the [M] runs to fill; every other draft
+token (text, [FIM] markers, EOT, ...) is fixed: it is seen by the model but never proposed,
+committed or changed. The same loop runs with the same proposal, remasking, temperature, CFG,
+caches and threshold; only [M] positions are candidates.
+
+* Schedule: a block's step counts are computed from *its own* [M] count ``m`` (per row):
+  ``transfer_schedule(m, S_m)`` (`infill_schedule`). With ``infill_steps='jump'`` (the spec:
+  the reverse process starts at ``t = m / block_length`` instead of 1, keeping the step
+  density of a full block) ``S_m = ceil(S m / block_length)``, capped to [1, m]; with
+  'full' (LaViDa's released code) ``S_m = min(S, m)``; ``S = steps / blocks``. A block
+  with no [M] in any row costs no model call; rows of a batch that finish a block early
+  wait (commit 0) while the others finish it. A draft that is all [M] is plain `generate`.
+* Variable-length infill: a FIM-trained model (stage 3, `masked.fim_insert`) fills an [M]
+  run followed by a [FIM] marker with text and then [S] filler tokens; nothing about that is
+  special to the sampler. `strip_tokens` drops [S] / [FIM] afterwards (static shapes).
+* ``draft_mask`` (False = padding) lets drafts of different lengths share one batch;
+  a draft shorter than ``gen_length`` is padded. Padding is hidden from attention, never
+  filled and returned as ``eos_id`` (``mask_id`` without one), so a padded row decodes as
+  it would alone with the same ``gen_length`` / blocks (LaViDa's code instead fills the
+  positions after a short draft with [MASK] and decodes them: put those [M] in the draft).
+* EOS: with ``eos_id`` each [M] run is truncated at its first generated EOS (the rest of
+  the run becomes EOS); fixed draft tokens, EOS among them, are never changed. Without a
+  draft the answer is one run, so this is the rule above.
+
 Example::
 
     import jax, jax.numpy as jnp
@@ -45,6 +70,8 @@ Example::
     prompt = jnp.array([[0, 5, 6, 7]]); mask = jnp.array([[0, 1, 1, 1]], bool)   # left padded
     out = generate(lm, prompt, mask, gen_length=8, steps=4, block_length=4, mask_id=31,
                    cache="prefix")                                              # [1, 8]
+    draft = jnp.array([[3, 31, 31, 4, 31, 31, 31, 5]])            # 31 = [M]: fill 5 slots
+    out = generate(lm, prompt, mask, draft_ids=draft, steps=4, mask_id=31)    # 3, 4, 5 kept
 """
 from __future__ import annotations
 
@@ -62,6 +89,7 @@ from mmjax import core
 SCHEDULES = ("linear", "cosine", "shift")
 REMASKINGS = ("low_confidence", "random")
 CACHES = ("none", "prefix", "dual")
+INFILL_STEPS = ("jump", "full")
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -106,6 +134,89 @@ def transfer_schedule(num_tokens: int, steps: int, schedule: str = "linear",
   while counts.sum() > num_tokens:                              # pay for the forced 1s
     counts[np.argmax(counts)] -= 1
   return np.sort(counts)[::-1].copy() if schedule == "shift" else counts
+
+
+def infill_steps_for(num_masked: int, steps: int, block_length: int,
+                     rule: str = "jump") -> int:
+  """Steps an infill block with ``num_masked`` [M] of ``block_length`` positions gets when
+  a full block gets ``steps``: 'jump' ``ceil(steps m / block_length)`` (the process starts at
+  ``t = m / block_length``; same tokens per step as a full block), 'full' ``steps``; both
+  capped to [1, m] (0 when m = 0).
+
+  >>> [infill_steps_for(m, 8, 32) for m in (0, 1, 4, 5, 31, 32)]
+  [0, 1, 1, 2, 8, 8]
+  >>> [infill_steps_for(m, 8, 32, "full") for m in (0, 1, 4, 5, 31, 32)]
+  [0, 1, 4, 5, 8, 8]
+  """
+  if rule not in INFILL_STEPS:
+    raise ValueError(f"infill_steps={rule!r} is not one of {INFILL_STEPS}")
+  if num_masked <= 0:
+    return 0
+  s = -(-steps * num_masked // block_length) if rule == "jump" else steps
+  return int(min(num_masked, max(1, s)))
+
+
+def infill_schedule(num_masked: int, steps: int, block_length: int, schedule: str = "linear",
+                    shift_a: float = 1 / 3, rule: str = "jump") -> np.ndarray:
+  """Tokens committed per step in an infill block with ``num_masked`` [M] positions:
+  ``transfer_schedule(m, infill_steps_for(m, ...))`` (empty when m = 0). With m =
+  block_length it is the plain block schedule.
+
+  >>> infill_schedule(5, 8, 32).tolist(), infill_schedule(5, 8, 32, rule="full").tolist()
+  ([3, 2], [1, 1, 1, 1, 1])
+  >>> infill_schedule(12, 8, 32, "shift").tolist()
+  [7, 3, 2]
+  """
+  n = infill_steps_for(num_masked, steps, block_length, rule)
+  if n == 0:
+    return np.zeros((0,), np.int64)
+  return transfer_schedule(num_masked, n, schedule, shift_a)
+
+
+@functools.lru_cache(maxsize=32)
+def _infill_table(block_length: int, steps: int, schedule: str, shift_a: float,
+                  rule: str) -> np.ndarray:
+  """``[block_length + 1, steps]``: row m is `infill_schedule` (m [M] in a block), 0-padded."""
+  table = np.zeros((block_length + 1, steps), np.int32)
+  for m in range(1, block_length + 1):
+    counts = infill_schedule(m, steps, block_length, schedule, shift_a, rule)
+    table[m, :len(counts)] = counts
+  return table
+
+
+def pad_drafts(drafts, length: Optional[int] = None, pad_id: int = 0):
+  """Right-pads 1-D drafts of different lengths -> ``(draft_ids [b, D], draft_mask [b, D])``
+  (numpy; ``D = length`` or the longest), for ``generate(draft_ids=, draft_mask=)``.
+
+  >>> ids, m = pad_drafts([[5, 9, 9], [7]], pad_id=0)
+  >>> ids.tolist(), m.tolist()
+  ([[5, 9, 9], [7, 0, 0]], [[True, True, True], [True, False, False]])
+  """
+  drafts = [np.asarray(d, np.int64).reshape(-1) for d in drafts]
+  width = max(len(d) for d in drafts) if length is None else length
+  if any(len(d) > width for d in drafts):
+    raise ValueError(f"a draft is longer than length={width}")
+  ids = np.full((len(drafts), width), pad_id, np.int32)
+  mask = np.zeros((len(drafts), width), bool)
+  for r, d in enumerate(drafts):
+    ids[r, :len(d)], mask[r, :len(d)] = d, True
+  return ids, mask
+
+
+def strip_tokens(ids, drop, pad_id: int):
+  """Removes every token in ``drop`` from each row of ``ids [b, n]``, moving the rest left
+  (order kept) and padding the end with ``pad_id``: static shapes, jittable. For LaViDa-FIM
+  output, ``drop = (S_ID, FIM_ID)`` turns fixed-length [M] runs into variable-length infills.
+
+  >>> strip_tokens(jnp.array([[4, 1, 1, 2, 5, 2]]), (1, 2), pad_id=0).tolist()
+  [[4, 5, 0, 0, 0, 0]]
+  """
+  ids = jnp.asarray(ids)
+  keep = ~jnp.isin(ids, jnp.asarray(drop, ids.dtype))
+  order = jnp.argsort(~keep, axis=-1, stable=True)                  # kept tokens first
+  out = jnp.take_along_axis(ids, order, -1)
+  n = jnp.sum(keep, -1, keepdims=True)
+  return jnp.where(jnp.arange(ids.shape[-1]) < n, out, jnp.asarray(pad_id, ids.dtype))
 
 
 # ----------------------------------------------------------------------------- the model
@@ -243,14 +354,21 @@ class _Options:
   eos_id: Optional[int]
   cache: str
   return_nfe: bool
+  infill_steps: str = "jump"
 
 
-def generate(logits_fn, prompt_ids=None, prompt_mask=None, *, gen_length: int,
+def _concrete(a) -> Optional[np.ndarray]:
+  """``a`` as numpy, or None while it is traced (value checks are then skipped)."""
+  return None if isinstance(a, jax.core.Tracer) else np.asarray(a)
+
+
+def generate(logits_fn, prompt_ids=None, prompt_mask=None, *, gen_length: Optional[int] = None,
              steps: Optional[int] = None, block_length: Optional[int] = None, mask_id: int,
              temperature: float = 0.0, remasking: str = "low_confidence",
              schedule: str = "linear", shift_a: float = 1 / 3, cfg_scale: float = 0.0,
              threshold: Optional[float] = None, eos_id: Optional[int] = None,
-             cache: str = "none", rng=None, prompt_embeds=None, return_nfe: bool = False):
+             cache: str = "none", rng=None, prompt_embeds=None, return_nfe: bool = False,
+             draft_ids=None, draft_mask=None, infill_steps: str = "jump"):
   """Samples ``gen_length`` answer tokens after each prompt (see the module docstring).
 
   Args:
@@ -267,6 +385,14 @@ def generate(logits_fn, prompt_ids=None, prompt_mask=None, *, gen_length: int,
     threshold: confidence-threshold parallel decoding (Fast-dLLM's tau, e.g. 0.9).
     rng: a key (default ``key(0)``); only used with temperature > 0 or 'random' remasking.
     return_nfe: also return the number of model calls (loop iterations).
+    draft_ids: infill (module docstring): ``[b, D]`` with ``D <= gen_length`` (default
+      ``gen_length = D``): the first D answer tokens; ``mask_id`` marks the [M] positions to
+      fill, every other token stays as given. Each row needs at least one [M].
+    draft_mask: bool ``[b, D]``, False on padding (a shorter draft in a batch); positions
+      ``>= D`` are padding too. Padding is hidden, never filled, returned as ``eos_id``
+      (``mask_id`` without one).
+    infill_steps: 'jump' (spec, default) | 'full' (released code): steps of a block with
+      m [M], see `infill_steps_for`.
 
   Returns the answer ``[b, gen_length]`` int32 (and the NFE count).
 
@@ -276,12 +402,30 @@ def generate(logits_fn, prompt_ids=None, prompt_mask=None, *, gen_length: int,
                    mask_id=126336, schedule="shift", cache="prefix")
     out, nfe = generate(lm, prompt, mask, gen_length=256, block_length=32, mask_id=126336,
                         threshold=0.9, cache="dual", return_nfe=True)
+    M, FIM = 126336, 126085                     # a LaViDa-FIM draft: "A [M]x11 [FIM] ..."
+    out = generate(lm, prompt, mask, draft_ids=draft, steps=64, block_length=64,
+                   mask_id=M, schedule="shift", cache="prefix")
+    text = strip_tokens(out, (126086, FIM), pad_id=126081)   # drop [S] fillers and [FIM]
   """
   plain = not isinstance(logits_fn, DiffusionLM)
   for name, value, allowed in (("remasking", remasking, REMASKINGS),
-                               ("schedule", schedule, SCHEDULES), ("cache", cache, CACHES)):
+                               ("schedule", schedule, SCHEDULES), ("cache", cache, CACHES),
+                               ("infill_steps", infill_steps, INFILL_STEPS)):
     if value not in allowed:
       raise ValueError(f"{name}={value!r} is not one of {allowed}")
+  if draft_ids is None:
+    if draft_mask is not None:
+      raise ValueError("draft_mask needs draft_ids")
+    if gen_length is None:
+      raise ValueError("give gen_length (or draft_ids)")
+  else:
+    draft_ids = jnp.asarray(draft_ids)
+    if draft_ids.ndim != 2 or draft_ids.shape[1] < 1:
+      raise ValueError(f"draft_ids must be [batch, D>=1], got shape {draft_ids.shape}")
+    gen_length = draft_ids.shape[1] if gen_length is None else gen_length
+    if draft_ids.shape[1] > gen_length:
+      raise ValueError(f"the draft ({draft_ids.shape[1]} tokens) is longer than "
+                       f"gen_length={gen_length}")
   block_length = gen_length if block_length is None else block_length
   if gen_length <= 0 or block_length <= 0 or gen_length % block_length:
     raise ValueError(f"gen_length={gen_length} must be a positive multiple of "
@@ -304,23 +448,70 @@ def generate(logits_fn, prompt_ids=None, prompt_mask=None, *, gen_length: int,
     raise ValueError("the prompt must have at least one position")
   prompt_mask = (jnp.ones(shape, bool) if prompt_mask is None
                  else jnp.asarray(prompt_mask, bool))
+  draft = real = None
+  if draft_ids is not None:
+    draft, real = check_draft(draft_ids, draft_mask, shape[0], gen_length, mask_id,
+                              None if plain else logits_fn.module.config.vocab_size)
   opts = _Options(gen_length, block_length, steps if threshold is None else None, mask_id,
                   float(temperature), remasking, schedule, float(shift_a), float(cfg_scale),
-                  None if threshold is None else float(threshold), eos_id, cache, return_nfe)
+                  None if threshold is None else float(threshold), eos_id, cache, return_nfe,
+                  infill_steps)
   model = _Fn(logits_fn) if plain else logits_fn
   rng = jax.random.key(0) if rng is None else rng
-  return _generate(model, prompt_ids, prompt_mask, prompt_embeds, rng, opts=opts)
+  return _generate(model, prompt_ids, prompt_mask, prompt_embeds, draft, real, rng, opts=opts)
+
+
+def check_draft(draft_ids, draft_mask, batch: int, gen_length: int, mask_id: int,
+                vocab_size: Optional[int] = None):
+  """Validates a draft (``generate``'s ``draft_ids [b, D]`` / ``draft_mask``) and pads it to
+  ``gen_length`` -> ``(draft [b, G] int32, real [b, G] bool)``. Value checks (a [M] in every
+  row, ids in ``[0, vocab_size)``) need concrete arrays: they are skipped while tracing (call
+  this eagerly before a jitted ``generate``); a row without [M] then comes back unchanged."""
+  draft_ids = jnp.asarray(draft_ids)
+  if draft_ids.ndim != 2 or not 1 <= draft_ids.shape[1] <= gen_length:
+    raise ValueError(f"draft_ids must be [batch, D] with 1 <= D <= gen_length={gen_length}, "
+                     f"got shape {draft_ids.shape}")
+  d = draft_ids.shape[1]
+  if draft_ids.shape[0] != batch:
+    raise ValueError(f"draft_ids has {draft_ids.shape[0]} rows, the prompt {batch}")
+  if not jnp.issubdtype(draft_ids.dtype, jnp.integer):
+    raise ValueError(f"draft_ids must be integer token ids, got {draft_ids.dtype}")
+  real = jnp.ones(draft_ids.shape, bool) if draft_mask is None else jnp.asarray(draft_mask, bool)
+  if real.shape != draft_ids.shape:
+    raise ValueError(f"draft_mask must have the shape of draft_ids {draft_ids.shape}, got "
+                     f"{real.shape}")
+  ids_np, real_np = _concrete(draft_ids), _concrete(real)
+  if ids_np is not None and real_np is not None:
+    holes = (ids_np == mask_id) & real_np
+    empty = np.flatnonzero(~holes.any(1))
+    if len(empty):
+      raise ValueError(f"draft rows {empty.tolist()} have no [M] (mask_id={mask_id}) to fill")
+    hi = vocab_size if vocab_size is not None else np.iinfo(np.int32).max
+    bad = real_np & ((ids_np < 0) | (ids_np >= hi))
+    if bad.any():
+      r, c = np.argwhere(bad)[0]
+      raise ValueError(f"draft token {int(ids_np[r, c])} at row {r}, position {c} is not a "
+                       f"token id in [0, {hi})")
+  pad = ((0, 0), (0, gen_length - d))
+  return jnp.pad(draft_ids.astype(jnp.int32), pad), jnp.pad(real, pad)
 
 
 @functools.partial(jax.jit, static_argnames=("opts",))
-def _generate(model, prompt_ids, prompt_mask, prompt_embeds, rng, *, opts: _Options):
+def _generate(model, prompt_ids, prompt_mask, prompt_embeds, draft, real, rng, *,
+              opts: _Options):
   o = opts
   b, p = prompt_mask.shape
   g, bl = o.gen_length, o.block_length
   n_blocks = g // bl
   cfg = o.cfg_scale > 0
   rows = (lambda a: jnp.concatenate([a, a])) if cfg else (lambda a: a)
-  slot_mask = rows(jnp.concatenate([prompt_mask, jnp.ones((b, g), bool)], 1))    # [r, P+G]
+  infill = draft is not None
+  if infill:        # padding enters as [MASK] (a safe id), hidden, and is never a hole
+    x = jnp.where(real, draft, o.mask_id)
+  else:
+    x, real = jnp.full((b, g), o.mask_id, jnp.int32), jnp.ones((b, g), bool)
+  holes = (x == o.mask_id) & real                                       # [b, G]
+  slot_mask = rows(jnp.concatenate([prompt_mask, real], 1))                      # [r, P+G]
   positions = core.positions_from_padding(slot_mask)
 
   if isinstance(model, _Fn):                        # plain logits_fn, full recomputation
@@ -376,47 +567,63 @@ def _generate(model, prompt_ids, prompt_mask, prompt_embeds, rng, *, opts: _Opti
                jnp.zeros((2 * b if cfg else b, 1, stack.d_model), stack.dtype),
                jnp.int32(-1))
 
+  # Blocks run left to right; the current one is the first with a hole left in any row
+  # (lockstep batch), so an infill block without [M] costs nothing. ``j`` counts the steps
+  # spent in it; ``k[b]`` tokens are committed at step ``j``.
   if o.threshold is None:
     per_block = o.steps // n_blocks
-    counts = jnp.asarray(transfer_schedule(bl, per_block, o.schedule, o.shift_a), jnp.int32)
+    if infill:                  # per row, from the block's own [M] count (exact integers)
+      table = jnp.asarray(_infill_table(bl, per_block, o.schedule, o.shift_a, o.infill_steps))
+      block_holes = holes.reshape(b, n_blocks, bl).sum(-1)                # [b, n_blocks]
+    else:
+      counts = jnp.asarray(transfer_schedule(bl, per_block, o.schedule, o.shift_a), jnp.int32)
 
-  def current_block(x, step):
-    if o.threshold is None:
-      return step // per_block
-    pending = (x == o.mask_id).reshape(b, n_blocks, bl).any(axis=(0, 2))  # lockstep batch
-    return jnp.argmax(pending).astype(jnp.int32)
+  def pending(x):
+    return (x == o.mask_id) & real
 
   def cond(carry):
     x, step = carry[0], carry[1]
-    if o.threshold is None:
+    if o.threshold is None and not infill:
       return step < o.steps
-    return (x == o.mask_id).any() & (step < g)
+    return pending(x).any() & (step < g)
 
   def body(carry):
-    x, step, key, state = carry
+    x, step, key, state, j, prev = carry
     key, k_step = jax.random.split(key)
-    block = current_block(x, step)
+    if o.threshold is None and not infill:
+      block = step // per_block
+    else:
+      block = jnp.argmax(pending(x).reshape(b, n_blocks, bl).any(axis=(0, 2))).astype(jnp.int32)
+    j = jnp.where(block == prev, j + 1, 0)
     start = block * bl
     logits, state = logits_at(x, start, block, state)                  # [r, bl, V]
     if cfg:
       cond_l, uncond_l = jnp.split(logits, 2)
       logits = uncond_l + (o.cfg_scale + 1.0) * (cond_l - uncond_l)
     xb = jax.lax.dynamic_slice_in_dim(x, start, bl, axis=1)
-    masked = xb == o.mask_id
+    masked = jax.lax.dynamic_slice_in_dim(pending(x), start, bl, axis=1)
     x0, conf = propose(logits, k_step, o.temperature, o.remasking, o.mask_id)
     conf = jnp.where(masked, conf, -jnp.inf)
-    if o.threshold is None:
-      k = jnp.broadcast_to(counts[step - block * per_block], (b,))
-    else:
+    if o.threshold is not None:
       above = jnp.sum(conf >= o.threshold, -1)
       k = jnp.where(masked.any(-1), jnp.maximum(above, 1), 0)
+    elif infill:
+      k = table[block_holes[:, block], jnp.minimum(j, per_block - 1)]
+    else:
+      k = jnp.broadcast_to(counts[j], (b,))
     xb = jnp.where(top_k_mask(conf, k) & masked, x0, xb)
-    return jax.lax.dynamic_update_slice_in_dim(x, xb, start, axis=1), step + 1, key, state
+    x = jax.lax.dynamic_update_slice_in_dim(x, xb, start, axis=1)
+    return x, step + 1, key, state, j, block
 
-  x = jnp.full((b, g), o.mask_id, jnp.int32)
-  x, nfe, _, _ = jax.lax.while_loop(cond, body, (x, jnp.int32(0), rng, state))
-  if o.eos_id is not None:                         # truncate at the first EOS
-    is_eos = x == o.eos_id
-    after = (jnp.cumsum(is_eos, -1) - is_eos) > 0
-    x = jnp.where(after, jnp.int32(o.eos_id), x)
+  carry = (x, jnp.int32(0), rng, state, jnp.int32(0), jnp.int32(-1))
+  x, nfe = jax.lax.while_loop(cond, body, carry)[:2]
+  if o.eos_id is not None:         # truncate each [M] run at its first EOS (one run: all)
+    eos = jnp.int32(o.eos_id)
+    is_eos = (x == eos) & holes
+    before = jnp.cumsum(is_eos, -1) - is_eos                    # EOS earlier in the row
+    run_start = holes & ~jnp.pad(holes, ((0, 0), (1, 0)))[:, :-1]
+    at_start = jax.lax.cummax(jnp.where(run_start, before, 0), axis=1)
+    x = jnp.where(holes & (before > at_start), eos, x)
+  if infill:                       # padding is not part of the answer
+    x = jnp.where(real, x, jnp.int32(o.mask_id if o.eos_id is None else o.eos_id))
   return (x, nfe) if o.return_nfe else x
