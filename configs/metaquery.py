@@ -18,6 +18,17 @@ trains in minutes, then writes samples and ShapesEval of step 0 vs trained:
 
   python launch/tpu.py --config configs/metaquery.py:demo --workdir /tmp/mq
 
+Image tasks (``model.task``; mmjax/systems/metaquery_tasks.py): ``:reconstruct``, ``:edit``,
+``:instruct`` are MetaQuery-B's later stages (image(s) through the MLLM's vision tower,
+three-way CFG at sampling); ``:demo_reconstruct``, ``:demo_edit``, ``:demo_instruct`` are the
+CPU demo with a tiny random LLaVA-OneVision and shapes-world task data
+(mmjax/data/shapes_tasks.py: recolour / move / remove edits, compositions of objects picked
+from 1..3 source images):
+
+  python launch/tpu.py --config configs/metaquery.py:demo_edit --workdir /tmp/mq_edit
+  python launch/tpu.py --config configs/metaquery.py:demo_edit --workdir /tmp/mq_edit \
+      --mode sample        # samples/metaquery_edit.png: sources | generated | target
+
 Compile-only pod check (no checkpoints needed):
 
   python launch/aot.py --config configs/metaquery.py --topology v5p:4x4x4 \
@@ -77,7 +88,14 @@ def get_config(arg=None):
       connector_head_dim=64,
       connector_rope_theta=10000.0,
       query_init_std=0.02,     # queries and markers start N(0, std)
-      cond_dropout=0.1,        # caption -> "" (the empty prompt) for CFG
+      cond_dropout=0.1,        # caption -> "" (the empty prompt) for CFG; image tasks: image
+                               # -> black (reconstruct, edit), instruct: 10% each of text /
+                               # both / images dropped (mmjax/systems/metaquery_tasks.py)
+      task="t2i",              # t2i | reconstruct | edit | instruct (input images: needs the
+                               # llava_onevision MLLM; selects preprocessing, dropout, sampling)
+      max_images=1,            # instruct: image slots per example (static; reconstruct/edit: 1)
+      image_views="anyres",    # input images: anyres (LLaVA-OV processor on the 384 crop:
+                               # 2 views, 1485 tokens) | single (base view: 730 tokens)
   )
   c.mllm = dict(
       family="llava_onevision",  # llava_onevision | qwen2 (a text-only MLLM)
@@ -107,6 +125,7 @@ def get_config(arg=None):
       flow_shift=3.0,
       guidance=7.5,              # CFG text scale (GenEval / DPG setting; 3.0 for FID)
       num_images=32,             # sample grid size
+      image_guidance=1.5,        # CFG image scale (three-way CFG of the image tasks)
   )
   c.eval = dict(
       num_images=256,            # ShapesEval prompts (step 0 and trained)
@@ -114,6 +133,7 @@ def get_config(arg=None):
   )
   c.data.resolution = 512
   c.data.batch_size = 4096
+  c.data.min_images = 2          # shapes-world instruct: fewest source images (spec: 2..6)
   c.optim.lr = 1e-4
   c.optim.end_lr_ratio = 0.1     # -> 1e-5
   c.optim.warmup_steps = 5000
@@ -122,7 +142,12 @@ def get_config(arg=None):
   c.optim.weight_decay = 0.1
   c.optim.clip_norm = 0.5
 
-  if arg == "demo":
+  if arg in ("reconstruct", "edit", "instruct"):
+    _paper_task(c, arg)
+  elif arg in ("demo_reconstruct", "demo_edit", "demo_instruct"):
+    c = get_config("demo")
+    _demo_task(c, arg[len("demo_"):])
+  elif arg == "demo":
     c.total_steps = 1200
     c.log_every = 25
     c.checkpoint_every = 600
@@ -156,5 +181,61 @@ def get_config(arg=None):
     c.optim.warmup_steps = 100
     c.optim.weight_decay = 0.01
   elif arg not in (None, ""):
-    raise ValueError(f"unknown preset {arg!r} for configs/metaquery.py (known: demo)")
+    raise ValueError(f"unknown preset {arg!r} for configs/metaquery.py (known: demo, "
+                     f"reconstruct, edit, instruct, demo_reconstruct, demo_edit, "
+                     f"demo_instruct)")
   return c
+
+
+# Image tokens per input image of LLaVA-OneVision-0.5B on MetaQuery's 384x384 crop (anyres:
+# base view 27*27 + the 1x1 grid picture 27 rows of 27 + newline).
+LLAVA_OV_IMAGE_TOKENS = 27 * 27 + 27 * 28
+
+
+def _paper_task(c, task):
+  """MetaQuery-B stages after text-to-image pretraining (the reference's
+  llavaov0p5_sana_{edit,inst}.yaml): the same model; prompts grow by the image tokens
+  (text budget 320 + 1485 per image, rounded up to 64). Editing keeps the pretraining
+  optimizer (lr 1e-4 -> 1e-5, warmup 5000); instruction tuning: lr 5e-5 -> 1e-6, warmup
+  2000, 10 epochs of the 2.4M mined pairs, 2..6 source images. Start from a text-to-image
+  checkpoint (the bridge and DiT weights) in practice."""
+  c.model.task = task
+  images = 6 if task == "instruct" else 1
+  text = 64 if task == "reconstruct" else 320        # template (+ caption) budget
+  c.model.max_images = images
+  c.model.prompt_len = -(-(text + images * LLAVA_OV_IMAGE_TOKENS) // 64) * 64
+  if task == "instruct":
+    c.data.min_images = 2
+    c.total_steps = 10 * 2_400_000 // 4096
+    c.optim.lr = 5e-5
+    c.optim.end_lr_ratio = 1e-6 / 5e-5            # -> 1e-6
+    c.optim.warmup_steps = 2000
+
+
+def _demo_task(c, task):
+  """The CPU demo with an image task. The frozen "MLLM" becomes a tiny random-init
+  LLaVA-OneVision: the demo's Qwen2 text side (same sizes, same init) behind a 2-layer
+  SigLIP tower on 32px images (patch 8: 16 features + 1 newline per image, ``single`` view)
+  and the 2-layer projector. Prompts use the shapes-world word tokenizer extended by the
+  instruction words (`mmjax.data.shapes_tasks.EXTRA_WORDS`, 59 ids < the vocabulary of 64);
+  its ``<image>`` (id 5) is the image placeholder."""
+  text_cfg = c.mllm.hf_config.to_dict()          # the demo's Qwen2, whatever it is tuned to
+  c.mllm.update(family="llava_onevision", prompt="plain", hf_config=dict(
+      model_type="llava_onevision", image_token_index=5, projector_hidden_act="gelu",
+      vision_feature_layer=-1, vision_feature_select_strategy="full",
+      vision_aspect_ratio="anyres_max_9", tie_word_embeddings=True,
+      image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]],
+      vision_config=dict(model_type="siglip_vision_model", hidden_size=64, image_size=32,
+                         intermediate_size=128, num_attention_heads=2, num_hidden_layers=2,
+                         patch_size=8, layer_norm_eps=1e-6, vision_use_head=False),
+      text_config=text_cfg))
+  c.model.update(task=task, image_views="single")
+  if task == "reconstruct":
+    c.model.update(prompt_len=24, caption_tokens=0)            # <bos> + 17 image tokens
+  elif task == "edit":
+    c.model.update(prompt_len=32, caption_tokens=8)            # "move the red circle left"
+    c.data.categories = "single_object,two_object,colors"
+  else:
+    c.model.update(prompt_len=72, caption_tokens=16, max_images=3)
+    c.data.min_images = 1
+  c.sample.image_guidance = 1.5

@@ -9,11 +9,11 @@ import jax.numpy as jnp
 from mmjax.interop import load_hf, save_hf
 
 
-def tiny_siglip(path, seed=0, **kw):
+def tiny_siglip(path, seed=0, image_size=28, patch_size=7, **kw):
   torch.manual_seed(seed)
   cfg = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64,
                                         num_hidden_layers=3, num_attention_heads=4,
-                                        image_size=28, patch_size=7, **kw)
+                                        image_size=image_size, patch_size=patch_size, **kw)
   model = transformers.SiglipVisionModel(cfg).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
@@ -72,3 +72,49 @@ def test_unrolled_tower_loads_and_matches_scanned(tmp_path):
     outs.append(module.apply({"params": params}, images, output_hidden_states=True))
   for key in ("hidden_states", "pooler_output"):
     np.testing.assert_allclose(np.asarray(outs[1][key]), np.asarray(outs[0][key]), atol=1e-5)
+
+
+def test_patch_size_not_dividing_the_image_matches_transformers(tmp_path):
+  """384 / 14 in miniature: 30 px with patch 14 -> 2 x 2 patches, the last 2 px of each side
+  unread (torch's Conv2d(stride=14), no padding). Pixels there must not change anything."""
+  ref_model = tiny_siglip(tmp_path, image_size=30, patch_size=14)
+  images = np.random.default_rng(3).uniform(-1, 1, (2, 30, 30, 3)).astype(np.float32)
+  with torch.no_grad():
+    ref = ref_model(torch.tensor(images).permute(0, 3, 1, 2), output_hidden_states=True)
+  module, params = load_hf(str(tmp_path))
+  assert (module.config.image_size, module.config.grid) == (30, 2)
+  out = module.apply({"params": params}, jnp.asarray(images), output_hidden_states=True)
+  assert out["hidden_states"].shape == (4, 2, 4, 32)
+  for k in range(4):
+    np.testing.assert_allclose(np.asarray(out["hidden_states"][k]), ref.hidden_states[k].numpy(),
+                               atol=1e-4, err_msg=f"hidden state {k}")
+  np.testing.assert_allclose(np.asarray(out["encoder_output"]), ref.hidden_states[-1].numpy(),
+                             atol=1e-4)
+  np.testing.assert_allclose(np.asarray(out["pooler_output"]), ref.pooler_output.numpy(),
+                             atol=1e-4)
+  edited = images.copy()
+  edited[:, 28:] = 5.0
+  edited[:, :, 28:] = -5.0
+  again = module.apply({"params": params}, jnp.asarray(edited))
+  np.testing.assert_array_equal(np.asarray(again["pooler_output"]),
+                                np.asarray(out["pooler_output"]))
+  # export -> transformers reads the same layout at the same size
+  save_hf(module, params, str(tmp_path / "out"))
+  back = transformers.SiglipVisionModel.from_pretrained(str(tmp_path / "out")).eval()
+  assert back.config.image_size == 30
+  with torch.no_grad():
+    np.testing.assert_allclose(back(torch.tensor(images).permute(0, 3, 1, 2)).pooler_output.numpy(),
+                               ref.pooler_output.numpy(), atol=1e-6)
+
+
+def test_encoder_output_without_layer_taps(tmp_path):
+  """Without ``output_hidden_states`` no per-layer stack is kept; ``encoder_output`` is the
+  last layer's output (``hidden_states[-1]``)."""
+  tiny_siglip(tmp_path)
+  images = jnp.asarray(np.random.default_rng(4).uniform(-1, 1, (1, 28, 28, 3)), jnp.float32)
+  module, params = load_hf(str(tmp_path))
+  plain = module.apply({"params": params}, images)
+  taps = module.apply({"params": params}, images, output_hidden_states=True)
+  assert "hidden_states" not in plain
+  np.testing.assert_array_equal(np.asarray(plain["encoder_output"]),
+                                np.asarray(taps["hidden_states"][-1]))

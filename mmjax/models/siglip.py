@@ -3,8 +3,13 @@ encoder (core stack, GELU-tanh MLP, no RoPE), post-LayerNorm and the MAP pooling
 
 Every layer's output is available ("layer taps"): ``hidden_states[k]`` is the input of layer
 k (``[0]`` = embeddings, ``[-1]`` = last layer before the post-LayerNorm), as in
-transformers' ``output_hidden_states``. LLaVA-style models read ``hidden_states[-1]`` of a
-tower whose last layer was dropped (the *penultimate* features of the full model).
+transformers' ``output_hidden_states``. LLaVA-style models read the last layer's output
+(``encoder_output`` = ``hidden_states[-1]``, no stack of every layer) of a tower whose last
+layer was dropped (the *penultimate* features of the full model).
+
+The patch embedding is a VALID stride-``patch`` convolution, so ``image_size`` need not be a
+multiple of the patch: 384 px with patch 14 gives 27 x 27 patches (the last 6 px are unread),
+as torch's ``Conv2d(stride=14)`` in the reference.
 
 Images are NHWC floats, already normalised the SigLIP way (``(x / 255 - 0.5) / 0.5``).
 
@@ -31,6 +36,7 @@ import re
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mmjax import core
@@ -80,8 +86,11 @@ class MapHead(nn.Module):
 
 class SiglipVision(nn.Module):
   """``apply({'params': p}, images [b, H, W, C], output_hidden_states=False)`` -> dict with
-  ``last_hidden_state [b, patches, embed]`` (post-LayerNorm), ``pooler_output [b, embed]``
-  (when the head exists) and ``hidden_states [layers + 1, b, patches, embed]`` if asked."""
+  ``encoder_output [b, patches, embed]`` (the last layer's output before the post-LayerNorm,
+  i.e. ``hidden_states[-1]`` without stacking every layer), ``last_hidden_state`` (after it),
+  ``pooler_output [b, embed]`` (when the head exists) and ``hidden_states [layers + 1, b,
+  patches, embed]`` if asked (every layer's output is kept: memory). ``image_size`` need not
+  be a multiple of ``patch_size`` (a VALID stride-``patch`` convolution drops the rest)."""
   config: SiglipConfig
 
   @nn.compact
@@ -100,14 +109,19 @@ class SiglipVision(nn.Module):
     pos = self.param("pos_embed", nn.with_logical_partitioning(
         nn.initializers.normal(c.init_std), (None, "embed")), (cfg.num_patches, c.d_model),
         c.param_dtype)
-    # the stride-p convolution as a dense layer over [p, p, C] patches, row-major grid
-    patches = images.astype(c.dtype).reshape(b, g, p, g, p, ch).transpose(0, 1, 3, 2, 4, 5)
-    x = jnp.einsum("bijyxc,yxcd->bijd", patches, kernel.astype(c.dtype)).reshape(b, g * g, -1)
+    # the stride-p patch convolution, VALID (torch Conv2d(stride=p), no padding): a side that
+    # is not a multiple of p loses its last ``side % p`` pixels (384 / 14 -> 27 patches)
+    x = jax.lax.conv_general_dilated(
+        images.astype(c.dtype), kernel.astype(c.dtype), window_strides=(p, p), padding="VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC")).reshape(b, g * g, -1)
     x = x + bias.astype(c.dtype) + pos.astype(c.dtype)[None]
     x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
-    last, taps = core.TransformerStack(c, name="encoder")(
-        x, mask=None, deterministic=deterministic, return_hidden_states=True)
-    out = {"last_hidden_state": core.LayerNorm(eps=c.norm_eps, dtype=c.dtype,
+    last = core.TransformerStack(c, name="encoder")(
+        x, mask=None, deterministic=deterministic, return_hidden_states=output_hidden_states)
+    if output_hidden_states:
+      last, taps = last
+    out = {"encoder_output": last,
+           "last_hidden_state": core.LayerNorm(eps=c.norm_eps, dtype=c.dtype,
                                                param_dtype=c.param_dtype,
                                                name="post_layernorm")(last)}
     if cfg.use_head:

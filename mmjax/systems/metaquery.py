@@ -20,6 +20,11 @@ The method ("Transfer between Modalities with MetaQueries", spec/metaquery.md), 
    unconditional branch is the MLLM on the empty prompt (queries included).
 6. **Sampling.** One XLA program: prompts and empty prompts -> conditions, DPM-Solver++ 2M
    with flow sigmas and two-way CFG batched in one DiT call per step, decode to pixels.
+7. **Image tasks** (``model.task``: ``reconstruct`` | ``edit`` | ``instruct``; ``t2i`` is the
+   above): input images go through the MLLM's frozen vision tower and are spliced at the
+   prompt's image placeholders (``MetaQueryModel.image_tokens``); per-task condition
+   dropout (black images, the null prompt) and three-way CFG sampling live in
+   `mmjax.systems.metaquery_tasks`, shapes-world task data in `mmjax.data.shapes_tasks`.
 
 Parameters: ``mllm`` (frozen), ``queries [N, D]``, ``markers [2, D]`` (begin, end),
 ``connector``, ``dit``, ``vae`` (frozen; only with ``decoder.autoencoder='dc_ae'``).
@@ -173,6 +178,13 @@ class PromptFormat:
   def encode(self, caption: str, num_images: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``(ids int32 [max_len], mask bool [max_len])``, left padded (pad id 0)."""
     if self._encode is None:
+      if not caption and not num_images:
+        # Layout only (random init without a tokenizer, e.g. launch/aot.py): the empty
+        # prompt's *shape* is all a compile needs. Real captions cannot be encoded, so no
+        # data (and no trained model) ever sees this placeholder.
+        ids, mask = np.zeros((self.max_len,), np.int32), np.zeros((self.max_len,), bool)
+        mask[-1] = True
+        return ids, mask
       raise ValueError("prompts need the MLLM's tokenizer: set mllm.path or mllm.tokenizer_dir")
     head, tail = self.parts(num_images)
     body = self._encode(caption)[:self.caption_tokens] if caption else []

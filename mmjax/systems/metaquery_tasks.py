@@ -1,0 +1,395 @@
+"""MetaQuery's image-conditioned tasks: reconstruction, editing, instruction tuning.
+
+``model.task`` (``configs/metaquery.py``) selects what the bridge reads (spec "Stages"):
+
+=============  ===========================================  =================================
+task           prompt (user turn of the MLLM)               condition dropout (training)
+=============  ===========================================  =================================
+t2i            caption                                      caption -> "" (p)
+reconstruct    the target image itself, empty caption       image -> black (p)
+edit           source image + instruction                   image -> black (p)
+instruct       1..K source images + instruction             u ~ U(0, 1): u < p text -> "";
+                                                            p <= u < 2p both; 2p <= u < 3p
+                                                            images -> black (the reference's
+                                                            ``_inst_process_fn``)
+=============  ===========================================  =================================
+
+(p = ``model.cond_dropout``, 0.1.) "Black" is an all-zero RGB image of the same size (the
+reference's ``PIL.Image.new("RGB", size)``), i.e. every SigLIP-normalised view pixel -1;
+"text -> ''" keeps the image placeholders and drops the instruction (the *null prompt*).
+t2i is `mmjax.systems.metaquery` itself; this module holds what the image tasks add.
+
+Static shapes: every example has ``K`` image slots (``model.max_images``; 1 for reconstruct
+and edit), ``input_views [K, V, S, S, 3]`` (V views of an S x S image, the MLLM's tower
+size) and ``input_valid [K]``. An example with ``n <= K`` images fills slots ``0..n-1`` and
+its prompt holds ``n`` placeholder groups (left padding absorbs the difference); empty slots
+are black and never reach the MLLM. Batches never shrink: an unusable record raises
+``BadRecord`` and the pipeline fills its slot with the next good one.
+
+Views (``model.image_views``): each image is resized (shorter side) and centre-cropped to
+S (spec: 384). ``anyres``: LLaVA-OneVision's processor on that square (what the reference
+feeds the MLLM): a base view plus a 1x1 grid crop, ``g^2 + g (g + 1)`` tokens (1485 at
+384 / patch 14); ``single``: the base view and one newline, ``g^2 + 1`` tokens (730).
+
+Batch (besides t2i's ``images`` = the *target*, ``prompt_ids``, ``prompt_mask``):
+``null_ids`` / ``null_mask`` (the same images with an empty caption), ``input_views``,
+``input_valid``.
+
+Sampling: three-way CFG with input images, one XLA program: the conditions of
+``[null prompt + black images; null prompt + images; prompt + images]`` in one MLLM call,
+then DPM-Solver++ 2M with ``solvers.cfg_three_way`` (``v = v_u + s_img (v_img - v_u) +
+s_txt (v_full - v_img)``; ``sample.image_guidance`` 1.5, ``sample.guidance``). With
+``s_img = 1`` this is exactly the reference's two-way ``[neg + images, prompt + images]``.
+
+Records: the shapes world (``data.source=shapes``) -- the example is derived from the
+record's index by `mmjax.data.shapes_tasks.make_example` (same seed); otherwise
+``{'image': target, 'caption': instruction, 'source_images': [image, ...]}`` (edit also
+accepts ``'source_image'``; reconstruct needs only ``'image'``), images as encoded bytes or
+uint8 arrays.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.data import BadRecord, image as image_ops
+from mmjax.diffusion import solvers
+from mmjax.models import anyres
+from mmjax.models import llava_onevision as lov
+
+IMAGE_VIEWS = ("anyres", "single")
+SINGLE_IMAGE_TASKS = ("reconstruct", "edit")
+
+
+def plain_tokenizer():
+  """The demo's word tokenizer for image tasks: the shapes-world vocabulary plus the
+  instruction words (``shapes_tasks.EXTRA_WORDS``); ``<image>`` (id 5) is the placeholder."""
+  from mmjax.data import shapes_tasks  # pylint: disable=import-outside-toplevel
+  return shapes_tasks.task_tokenizer()
+
+
+def _model():
+  from mmjax.systems.metaquery import MetaQueryModel  # pylint: disable=import-outside-toplevel
+  return MetaQueryModel
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInputs:
+  """How input images enter the MLLM: ``slots`` (K) per example, ``layout`` of each image's
+  tokens (static), ``num_views`` (V) views of ``tile`` x ``tile`` pixels."""
+  task: str
+  slots: int
+  layout: anyres.ImageLayout
+  num_views: int
+  tile: int
+  kind: str                                  # anyres | single
+  grid_pinpoints: tuple = ()
+  max_views: Optional[int] = None
+  vision: Any = None                         # siglip.SiglipConfig (FLOPs)
+
+  @classmethod
+  def from_config(cls, task: str, mllm_cfg, model_cfg) -> "ImageInputs":
+    if not isinstance(mllm_cfg, lov.LlavaOnevisionConfig):
+      raise ValueError(f"model.task={task!r} reads images: it needs an MLLM with a vision "
+                       f"tower (mllm.family='llava_onevision')")
+    kind = model_cfg.get("image_views", "anyres")
+    if kind not in IMAGE_VIEWS:
+      raise ValueError(f"model.image_views {kind!r} is not one of {IMAGE_VIEWS}")
+    slots = 1 if task in SINGLE_IMAGE_TASKS else int(model_cfg.get("max_images", 1))
+    if slots < 1:
+      raise ValueError(f"model.max_images must be >= 1, got {slots}")
+    vis = mllm_cfg.vision
+    tile, grid = vis.image_size, vis.grid
+    if kind == "single":
+      layout = anyres.ImageLayout(grid=grid)
+    else:
+      layout = anyres.anyres_layout((tile, tile), mllm_cfg.grid_pinpoints, tile, grid,
+                                    mllm_cfg.max_views)
+    return cls(task=task, slots=slots, layout=layout, num_views=layout.num_views, tile=tile,
+               kind=kind, grid_pinpoints=tuple(mllm_cfg.grid_pinpoints),
+               max_views=mllm_cfg.max_views, vision=vis)
+
+  @property
+  def tokens_per_image(self) -> int:
+    return self.layout.num_tokens
+
+  @property
+  def view_shape(self) -> tuple:
+    return (self.slots, self.num_views, self.tile, self.tile, 3)
+
+  @functools.cached_property
+  def black(self) -> np.ndarray:
+    """A black pixel after SigLIP normalisation ``[3]`` (-1 with mean = std = 0.5)."""
+    return anyres.normalize(np.zeros((1, 3), np.uint8))[0]
+
+  def views(self, image: np.ndarray) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` -> normalised views ``[V, S, S, 3]`` float32."""
+    if image.shape[:2] != (self.tile, self.tile):
+      image = image_ops.resize_crop(image, self.tile, "bicubic")
+    if self.kind == "single":
+      v = image[None]
+    else:
+      v, layout = anyres.image_views(image, self.grid_pinpoints, self.tile, self.layout.grid,
+                                     self.max_views)
+      assert layout == self.layout, (layout, self.layout)
+    return anyres.normalize(v)
+
+  def dummy(self, batch_size: int, prompt_len: int) -> dict:
+    return {"null_ids": np.zeros((batch_size, prompt_len), np.int32),
+            "null_mask": np.ones((batch_size, prompt_len), bool),
+            "input_views": np.zeros((batch_size,) + self.view_shape, np.float32),
+            "input_valid": np.ones((batch_size, self.slots), bool)}
+
+  def check_prompts(self, prompts, mllm_cfg) -> None:
+    """The tokenizer's placeholder is the MLLM's image token, and the longest prompt (K
+    images, a full caption) fits ``model.prompt_len`` (only when a tokenizer is there)."""
+    if prompts.tokenizer is None:
+      return
+    if prompts.image_token_id != mllm_cfg.image_token_id:
+      raise ValueError(f"the tokenizer's image token id {prompts.image_token_id} is not the "
+                       f"MLLM's image_token_index {mllm_cfg.image_token_id}")
+    need = prompts.min_len(self.slots, 0 if self.task == "reconstruct" else None)
+    if need > prompts.max_len:
+      raise ValueError(f"model.task={self.task!r} with {self.slots} image(s) of "
+                       f"{self.tokens_per_image} tokens needs model.prompt_len >= {need}, "
+                       f"got {prompts.max_len}")
+
+  def vision_flops(self, mllm_cfg) -> float:
+    """Forward FLOPs per example of the frozen tower + projector on all K x V views (no
+    backward: the image features are a ``stop_gradient``)."""
+    from mmjax.systems.metaquery import stack_flops_per_token  # pylint: disable=import-outside-toplevel
+    vis, d = self.vision, mllm_cfg.text.stack.d_model
+    n, dv = vis.num_patches, vis.stack.d_model
+    per_view = (n * stack_flops_per_token(vis.stack, n) + n * vis.patch_size ** 2 * 3 * dv
+                + n * (dv * d + d * d))
+    return float(2 * self.slots * self.num_views * per_view)
+
+
+# ============================================================================ data
+def _categories(config, field: str = "") -> Optional[tuple]:
+  text = field or config.data.get("categories", "")
+  cats = tuple(c.strip() for c in text.split(",") if c.strip())
+  return cats or None
+
+
+def shapes_example(system, index: int, seed: Optional[int] = None,
+                   categories: Optional[Sequence[str]] = None) -> dict:
+  """`shapes_tasks.make_example` for this system's task, resolutions and image counts."""
+  from mmjax.data import shapes_tasks  # pylint: disable=import-outside-toplevel
+  c = system.config
+  return shapes_tasks.make_example(
+      system.task, c.seed if seed is None else seed, index, system.resolution,
+      system.images.tile, categories or _categories(c), min_images=c.data.get("min_images", 2),
+      max_images=system.images.slots)
+
+
+def preprocess(system, record: dict) -> dict:
+  """One example of an image task (see the module docstring): fixed-shape numpy arrays."""
+  imgs, task = system.images, system.task
+  if "scene" in record and "index" in record:        # a ShapesSource record: derive by index
+    record = shapes_example(system, int(record["index"]))
+  if "image" not in record:
+    raise BadRecord("record has no target 'image'")
+  target = image_ops.decode_image(record["image"])
+  if task == "reconstruct":
+    sources, text = [target], ""
+  else:
+    sources = record.get("source_images")
+    if sources is None and "source_image" in record:
+      sources = [record["source_image"]]
+    text = record.get("caption")
+    if not isinstance(text, str):
+      raise BadRecord(f"record has no instruction 'caption' (got {text!r})")
+  if not sources or len(sources) > imgs.slots:
+    raise BadRecord(f"record has {len(sources or ())} source images; this task takes 1.."
+                    f"{imgs.slots} (model.max_images)")
+  if target.shape[:2] != (system.resolution, system.resolution):
+    target = image_ops.resize_crop(target, system.resolution)
+  views = np.empty(imgs.view_shape, np.float32)
+  views[:] = imgs.black
+  for j, src in enumerate(sources):
+    views[j] = imgs.views(image_ops.decode_image(src))
+  n = len(sources)
+  ids, mask = system.prompts.encode(text, n)
+  null_ids, null_mask = system.prompts.encode("", n)
+  return {"images": image_ops.to_float(target), "prompt_ids": ids, "prompt_mask": mask,
+          "null_ids": null_ids, "null_mask": null_mask, "input_views": views,
+          "input_valid": np.arange(imgs.slots) < n}
+
+
+# ============================================================================ training
+def dropout_masks(task: str, rng, batch_size: int, p: float):
+  """Per example ``(drop_text, drop_images)`` bool ``[b]`` (see the module docstring)."""
+  u = jax.random.uniform(rng, (batch_size,))
+  if task == "instruct":
+    return u < 2 * p, (u >= p) & (u < 3 * p)
+  return jnp.zeros((batch_size,), bool), u < p
+
+
+def drop_conditions(system, rng, batch):
+  """The batch's prompts and views after condition dropout: ``(ids, mask, views, metrics)``;
+  a dropped text is the null prompt (the images' placeholders stay), dropped images are
+  black."""
+  ids, mask, views = batch["prompt_ids"], batch["prompt_mask"], batch["input_views"]
+  drop_text, drop_img = dropout_masks(system.task, rng, ids.shape[0],
+                                      system.config.model.cond_dropout)
+  ids = jnp.where(drop_text[:, None], batch["null_ids"], ids)
+  mask = jnp.where(drop_text[:, None], batch["null_mask"], mask)
+  black = jnp.asarray(system.images.black, views.dtype)
+  views = jnp.where(drop_img.reshape((-1,) + (1,) * (views.ndim - 1)), black, views)
+  return ids, mask, views, {"dropped_text": drop_text.mean(), "dropped_image": drop_img.mean()}
+
+
+# ============================================================================ sampling
+def three_way_inputs(system, batch):
+  """``(ids, mask, views)`` of the 3B rows ``[null + black; null + images; prompt +
+  images]``."""
+  views = jnp.asarray(batch["input_views"])
+  black = jnp.broadcast_to(jnp.asarray(system.images.black, views.dtype), views.shape)
+  cat = lambda *a: jnp.concatenate([jnp.asarray(x) for x in a])
+  return (cat(batch["null_ids"], batch["null_ids"], batch["prompt_ids"]),
+          cat(batch["null_mask"], batch["null_mask"], batch["prompt_mask"]),
+          cat(black, views, views))
+
+
+def sample_latents(system, params, conds, noise, guidance=None, image_guidance=None):
+  """DPM-Solver++ 2M from ``noise [b, ...]`` with three-way CFG: one DiT call on the 3B
+  conditions ``conds = [uncond; image only; full]`` per step, one ``lax.scan``."""
+  s = system.config.sample
+  s_txt = s.guidance if guidance is None else guidance
+  s_img = s.get("image_guidance", 1.5) if image_guidance is None else image_guidance
+  model = _model()
+
+  def batched(x, t):
+    return system.apply(params, x, t, conds, method=model.velocity)
+
+  return solvers.dpm_solver_2m_sample(solvers.cfg_three_way(batched, s_img, s_txt), noise,
+                                      system.sigmas, system.timesteps)
+
+
+def generate_batch(system, params, batch, rng, guidance=None, image_guidance=None):
+  """Jittable: a preprocessed batch (``prompt_ids`` ... ``input_views``) -> images float
+  ``[b, R, R, 3]`` in [-1, 1]. Conditions, solver loop and decode in one program."""
+  model = _model()
+  b = batch["prompt_ids"].shape[0]
+  conds = system.apply(params, *three_way_inputs(system, batch), method=model.condition)
+  noise = jax.random.normal(rng, (b,) + system.latent_shape, jnp.float32)
+  z = sample_latents(system, params, conds, noise, guidance, image_guidance)
+  return system.apply(params, z, method=model.decode_latents)
+
+
+_KEYS = ("prompt_ids", "prompt_mask", "null_ids", "null_mask", "input_views")
+
+
+def generate_fn(system):
+  """``jax.jit(generate_batch)`` for this system, compiled once per batch shape:
+  ``fn(params, {k: [b, ...] for k in _KEYS}, rng, guidance, image_guidance)``."""
+  fn = system.__dict__.get("_task_generate_jit")
+  if fn is None:
+    fn = system.__dict__["_task_generate_jit"] = jax.jit(
+        functools.partial(generate_batch, system))
+  return fn
+
+
+def generate(system, params, examples: Sequence[dict], rng, guidance=None,
+             image_guidance=None, batch: int = 32) -> np.ndarray:
+  """Preprocessed examples -> uint8 images ``[len, R, R, 3]`` (one compiled program per
+  batch shape; with more than ``batch`` examples the last chunk is padded with copies of
+  its first example). Scales default to ``sample.guidance`` / ``sample.image_guidance``."""
+  s = system.config.sample
+  guidance = float(s.guidance if guidance is None else guidance)
+  image_guidance = float(s.get("image_guidance", 1.5) if image_guidance is None
+                         else image_guidance)
+  gen = generate_fn(system)
+  out = []
+  for i in range(0, len(examples), batch):
+    chunk = list(examples[i:i + batch])
+    pad = batch - len(chunk) if len(examples) > batch else 0
+    chunk += [chunk[0]] * pad
+    arrays = {k: np.stack([e[k] for e in chunk]) for k in _KEYS}
+    imgs = gen(params, arrays, jax.random.fold_in(rng, i), guidance, image_guidance)
+    out.append(image_ops.to_uint8(np.asarray(imgs))[:len(chunk) - pad])
+  return np.concatenate(out)
+
+
+# ============================================================================ modes
+def _eval_examples(system, num: int) -> list[dict]:
+  c = system.config
+  cats = _categories(c, c.eval.get("categories", ""))
+  return [shapes_example(system, i, seed=c.seed + 10_000, categories=cats)
+          for i in range(num)]
+
+
+def task_grid(sources: Sequence[Sequence[np.ndarray]], generated, targets,
+              texts: Sequence[str], slots: int, scale: int = 3):
+  """A PIL grid, one example per row: ``slots`` source cells (grey when empty) | generated
+  | target, the instruction under the row."""
+  from PIL import Image, ImageDraw  # pylint: disable=import-outside-toplevel
+  r = generated[0].shape[0] * scale
+  gap, text_h = 4, 16
+  cols = slots + 2
+  width = max(cols * (r + gap) + 3 * gap, 6 * max(len(t) for t in texts) + 8)  # ~6 px/char
+  grid = Image.new("RGB", (width, len(generated) * (r + text_h + gap)), "white")
+  draw = ImageDraw.Draw(grid)
+  big = lambda a: Image.fromarray(np.asarray(a)).resize((r, r), Image.NEAREST)
+  for row, (srcs, gen, tgt, text) in enumerate(zip(sources, generated, targets, texts)):
+    y = row * (r + text_h + gap)
+    for k in range(slots):
+      cell = big(srcs[k]) if k < len(srcs) else Image.new("RGB", (r, r), (200, 200, 200))
+      grid.paste(cell, (k * (r + gap), y))
+    x = slots * (r + gap) + 2 * gap                       # a wider gap after the sources
+    grid.paste(big(gen), (x, y))
+    grid.paste(big(tgt), (x + r + gap, y))
+    draw.text((2, y + r + 2), text or "(no text)", fill=(0, 0, 0))
+  return grid
+
+
+def sample_mode(system, params, workdir, num=None):
+  """Shapes-world examples of the task: WORKDIR/samples/metaquery_<task>.png, one row per
+  example: source images | generated | target, the instruction below."""
+  import jax.random as jr  # pylint: disable=import-outside-toplevel
+  c = system.config
+  raw = _eval_examples(system, num or c.sample.num_images)
+  images = generate(system, params, [preprocess(system, r) for r in raw], jr.key(c.seed + 1))
+  os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+  path = os.path.join(workdir, "samples", f"metaquery_{system.task}.png")
+  task_grid([r["source_images"] for r in raw], list(images), [r["image"] for r in raw],
+            [r["caption"] for r in raw], system.images.slots).save(path)
+  print(f"samples: {path}", flush=True)
+  return path
+
+
+def eval_mode(system, params, workdir, num=None):
+  """ShapesEval of generated images against the *target* scenes, and the mean absolute
+  pixel error to the target renders, for the trained model and step 0 (same examples and
+  noise): WORKDIR/eval/shapes_eval_<task>.json."""
+  from mmjax.eval.shapes_eval import ShapesEval  # pylint: disable=import-outside-toplevel
+  c = system.config
+  raw = _eval_examples(system, num or c.eval.num_images)
+  examples = [preprocess(system, r) for r in raw]
+  targets = np.stack([r["image"] for r in raw]).astype(np.float32)
+  rng = jax.random.key(c.seed + 2)
+  result = {"task": system.task, "num_images": len(raw), "guidance": c.sample.guidance,
+            "image_guidance": c.sample.get("image_guidance", 1.5),
+            "num_steps": c.sample.num_steps}
+  step0 = system.init_params(jax.random.PRNGKey(c.seed))
+  for name, p in (("step0", step0), ("trained", params)):
+    images = generate(system, p, examples, rng)
+    scores = ShapesEval().evaluate(list(images), [r["target_scene"] for r in raw])
+    result[name] = {"per_category": scores["per_category"], "overall": scores["overall"],
+                    "pixel_mae": float(np.abs(images.astype(np.float32) - targets).mean()
+                                       / 255.0)}
+  os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+  with open(os.path.join(workdir, "eval", f"shapes_eval_{system.task}.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  for k in ("step0", "trained"):
+    print(f"{k:8s} overall {result[k]['overall']:.3f}  pixel MAE {result[k]['pixel_mae']:.4f}"
+          f"  {result[k]['per_category']}", flush=True)
+  return result
