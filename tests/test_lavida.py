@@ -152,6 +152,39 @@ def test_preprocess_pads_answers_with_supervised_eos(system):
   assert len(lengths) > 3                                        # the random extra pad varies
 
 
+def test_loss_pads_every_row_to_the_batch_longest(system):
+  """LaViDa's collator pads a batch to its longest answer: ``pad_to_batch`` extends each row's
+  supervised EOS run (tokens are EOS there already), so the slot never tells a row's length."""
+  batch = shapes_batch(system, 4)
+  p, eos = system.prompt_len, system.prompter.eos_id
+  padded = system.pad_to_batch(batch)
+  n = batch["answer_mask"].sum(1)
+  assert len(set(n.tolist())) > 1
+  np.testing.assert_array_equal(np.asarray(padded["answer_mask"]).sum(1), np.full(4, n.max()))
+  new = np.asarray(padded["answer_mask"]) & ~batch["answer_mask"]
+  assert (batch["tokens"][new] == eos).all() and not new[:, :p].any()
+  np.testing.assert_array_equal(np.asarray(padded["slot_mask"])[:, p:],
+                                np.asarray(padded["answer_mask"])[:, p:])
+
+
+def test_random_init_draws_like_the_references(system):
+  """SigLIP re-drawn as transformers' _init_weights (Xavier attention / MLP, LeCun patch
+  conv, positions N(0, 1/width)); the projector as torch's nn.Linear (U(+-1/sqrt(fan_in)))."""
+  params = system.init_params(jax.random.PRNGKey(0))
+  v, pr = params["vision_tower"], params["projector"]
+  d = system.model_cfg.vision.stack.d_model
+  q = np.asarray(v["encoder"]["layers"]["self_attn"]["q_proj"]["kernel"])
+  assert np.abs(q).max() <= (6 / (2 * d)) ** 0.5 and q.std() > 0.5 * (2 / (2 * d)) ** 0.5
+  np.testing.assert_allclose(np.asarray(v["pos_embed"]).std(), d ** -0.5, rtol=0.2)
+  k = np.asarray(v["patch_embed_kernel"])
+  np.testing.assert_allclose(k.std(), (1 / k[..., 0].size) ** 0.5 / 0.8796, rtol=0.2)
+  assert not np.asarray(v["encoder"]["layers"]["self_attn"]["q_proj"]["bias"]).any()
+  for name, fan_in in (("fc1", d), ("fc2", system.model_cfg.text.stack.d_model)):
+    for leaf in ("kernel", "bias"):
+      x = np.asarray(pr[name][leaf])
+      assert np.abs(x).max() <= fan_in ** -0.5 and np.abs(x).max() > 0.8 * fan_in ** -0.5
+
+
 def test_stage3_fim_markers_are_never_masked():
   system = tiny_system(preset="stage3,demo")
   batch = shapes_batch(system, 8)
@@ -213,9 +246,9 @@ def test_sampler_on_the_system(system, params):
   """Answers ``[b, gen_length]``; with the Prefix-DLM mask the prefix cache is exact, so it
   gives the tokens of full recomputation (here on a smaller batch: rows are independent)."""
   batch = shapes_batch(system, 3, rng=None)
-  opts = system.sample_options(steps=8, block_length=8, cache="none")
+  opts = system.sample_options(steps=6, block_length=6, cache="none")
   full, nfe = system.generate(params, batch, **opts)
-  assert full.shape == (3, system.answer_len) and full.dtype == jnp.int32 and int(nfe) == 8
+  assert full.shape == (3, system.answer_len) and full.dtype == jnp.int32 and int(nfe) == 6
   prefix, _ = system.generate(params, {k: v[1:] for k, v in batch.items()},
                               **dict(opts, cache="prefix"))
   np.testing.assert_array_equal(np.asarray(full)[1:], np.asarray(prefix))

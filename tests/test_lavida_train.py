@@ -70,7 +70,7 @@ def test_paper_config_builds_at_random_init():
   system = get_system(mcfg.load("configs/lavida.py", ["--config.model.init=random"]))
   text, vision = system.model_cfg.text, system.model_cfg.vision
   assert (text.stack.d_model, text.stack.num_layers, text.vocab_size) == (4096, 32, 126464)
-  assert (vision.stack.num_layers, vision.image_size, system.geometry.grid) == (26, 378, 14)
+  assert (vision.stack.num_layers, vision.image_size, system.geometry.grid) == (26, 384, 14)
   assert system.prompt_len == 128 + 1008
   abstract = jax.eval_shape(system.init, jax.random.PRNGKey(0), system.dummy_batch(1))
   n = sum(np.prod(x.shape) for x in jax.tree.leaves(abstract))

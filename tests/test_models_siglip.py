@@ -118,3 +118,27 @@ def test_encoder_output_without_layer_taps(tmp_path):
   assert "hidden_states" not in plain
   np.testing.assert_array_equal(np.asarray(plain["encoder_output"]),
                                 np.asarray(taps["hidden_states"][-1]))
+
+
+def test_reference_init_keeps_the_tree_and_draws_transformers_scales():
+  """``reference_init`` on a boxed tree (scanned or unrolled): same structure, boxes kept; the
+  MAP head's q|k|v drawn as one packed in_proj (Xavier over [3D, D]), MLP biases ~1e-6."""
+  import jax
+  import flax.linen as nn
+  from mmjax.models import siglip
+  hf = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "image_size": 30, "patch_size": 14}
+  for scan in (True, False):
+    model = siglip.SiglipVision(siglip.from_hf_config(hf, scan_layers=scan))
+    boxed = model.init(jax.random.key(0), jnp.zeros((1, 30, 30, 3)))["params"]
+    new = siglip.reference_init(boxed, jax.random.key(1))
+    assert jax.tree.structure(new, is_leaf=lambda x: isinstance(x, nn.Partitioned)) == \
+        jax.tree.structure(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    p = nn.unbox(new)
+    hq = np.asarray(p["head"]["attention"]["q_proj"]["kernel"])
+    assert np.abs(hq).max() <= (6 / (32 + 96)) ** 0.5 < np.abs(hq).max() * 1.3
+    fc1 = p["encoder"]["layers" if scan else "layers_0"]["mlp"]["fc1"]
+    assert 0 < np.abs(np.asarray(fc1["bias"])).max() < 1e-5
+    np.testing.assert_array_equal(np.asarray(p["post_layernorm"]["scale"]), 1.0)
+    out = model.apply({"params": p}, jnp.zeros((1, 30, 30, 3)))
+    assert np.isfinite(np.asarray(out["pooler_output"])).all()

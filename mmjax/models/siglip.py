@@ -38,6 +38,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from mmjax import core
 from mmjax.interop.tables import (CONV, FLATTEN, IDENTITY, LINEAR, LINEAR_OUT, Family, Part,
@@ -129,6 +130,63 @@ class SiglipVision(nn.Module):
     if output_hidden_states:
       out["hidden_states"] = jnp.concatenate([x[None], taps], axis=0)
     return out
+
+
+# ----------------------------------------------------------------------------- random init
+def reference_init(params, rng):
+  """``params`` of a ``SiglipVision`` (boxed or not, scanned or unrolled layers) re-drawn the
+  way transformers' ``SiglipPreTrainedModel._init_weights`` draws a fresh tower: patch
+  convolution LeCun-normal, positions normal(1/sqrt(width)), attention and MLP kernels
+  Xavier-uniform (the MAP head's q|k|v as one packed ``in_proj``), MLP biases normal(1e-6),
+  the head's ``out_proj`` LeCun-normal, other biases zero, norms untouched. The modules
+  themselves start every kernel at normal(0.02); a tower trained from scratch (the LaViDa
+  demo) learns far faster from this init, where attention mixes the whole image from step 0.
+
+  Example::
+
+    params = siglip.reference_init(model.init(jax.random.key(0), images)["params"],
+                                   jax.random.key(1))
+  """
+  flat = traverse_util.flatten_dict(params)
+  keys = jax.random.split(rng, len(flat))
+  out = {}
+  for key, (path, leaf) in zip(keys, sorted(flat.items())):
+    value = leaf.unbox() if isinstance(leaf, nn.meta.AxisMetadata) else leaf
+    new = _reference_value(path, value, key)
+    out[path] = leaf.replace_boxed(new) if isinstance(leaf, nn.meta.AxisMetadata) else new
+  return traverse_util.unflatten_dict(out)
+
+
+def _reference_value(path: tuple, value, key):
+  name, shape, dtype = "/".join(path), value.shape, value.dtype
+
+  def xavier(fan_in, fan_out):
+    limit = (6.0 / (fan_in + fan_out)) ** 0.5
+    return jax.random.uniform(key, shape, dtype, -limit, limit)
+
+  def lecun(fan_in):   # transformers' lecun_normal_: trunc_normal_(std) cut at +-2 (absolute)
+    std = (1.0 / fan_in) ** 0.5 / 0.87962566103423978
+    return jax.random.truncated_normal(key, -2.0 / std, 2.0 / std, shape, dtype) * std
+
+  head, parent = path[0] == "head", (path[-2] if len(path) > 1 else "")
+  if name == "patch_embed_kernel":
+    return lecun(shape[0] * shape[1] * shape[2])
+  if name == "pos_embed":
+    return jax.random.normal(key, shape, dtype) / shape[-1] ** 0.5
+  if name == "head/probe":
+    return xavier(shape[-1], shape[-1])
+  if path[-1] == "kernel" and parent in ("q_proj", "k_proj", "v_proj"):     # [.., D, H, hd]
+    out = shape[-2] * shape[-1]
+    return xavier(shape[-3], 3 * out if head else out)
+  if path[-1] == "kernel" and parent == "o_proj":                            # [.., H, hd, D]
+    return lecun(shape[-3] * shape[-2]) if head else xavier(shape[-3] * shape[-2], shape[-1])
+  if path[-1] == "kernel" and parent in ("fc1", "fc2"):
+    return xavier(shape[-2], shape[-1])
+  if path[-1] == "bias" and parent in ("fc1", "fc2"):
+    return 1e-6 * jax.random.normal(key, shape, dtype)
+  if path[-1] == "bias" and "norm" not in parent:
+    return jnp.zeros(shape, dtype)
+  return value
 
 
 # ----------------------------------------------------------------------------- interop

@@ -85,9 +85,8 @@ class LavidaModel(nn.Module):
     c = self.config
     s = c.text.stack
     self.vision_tower = siglip.SiglipVision(c.vision)
-    self.projector = core.Mlp(s.d_model, act="gelu", use_bias=c.projector_bias,
-                              out_dim=s.d_model, dtype=s.dtype, param_dtype=s.param_dtype,
-                              init_std=s.init_std)
+    self.projector = Projector(s.d_model, use_bias=c.projector_bias, dtype=s.dtype,
+                               param_dtype=s.param_dtype)
     self.image_newline = self.param(
         "image_newline", nn.with_logical_partitioning(
             nn.initializers.normal(1.0 / math.sqrt(s.d_model)), ("embed",)),
@@ -122,6 +121,29 @@ class LavidaModel(nn.Module):
   def __call__(self, tokens, images, image_index, attention_mask=None):
     x = self.embed(tokens, images, image_index)
     return self.language_model(None, attention_mask, inputs_embeds=x)
+
+
+class Projector(nn.Module):
+  """LLaVA's ``mlp2x_gelu``: fc1, exact GELU, fc2 (params as ``core.Mlp``'s), initialised as
+  the reference's freshly built ``nn.Linear`` layers: kernel and bias U(+-1/sqrt(fan_in))."""
+  features: int
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    for name, axes in (("fc1", ("embed", "mlp")), ("fc2", ("mlp", "embed"))):
+      bound = x.shape[-1] ** -0.5
+      x = nn.Dense(self.features, use_bias=self.use_bias, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name=name,
+                   kernel_init=nn.with_logical_partitioning(
+                       nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"), axes),
+                   bias_init=nn.with_logical_partitioning(
+                       lambda k, shape, dtype, b=bound: jax.random.uniform(k, shape, dtype, -b, b),
+                       axes[1:]))(x)
+      x = jax.nn.gelu(x, approximate=False) if name == "fc1" else x
+    return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
 
 
 def pool_features(feats, out_side: int):
@@ -255,6 +277,10 @@ class Lavida(System):
   def init(self, rng, batch):
     variables = self.model.init(rng, batch["tokens"][:1], batch["images"][:1],
                                 batch["image_index"][:1])
+    params = dict(variables["params"])      # a fresh SigLIP as transformers draws one
+    params["vision_tower"] = siglip.reference_init(params["vision_tower"],
+                                                   jax.random.fold_in(rng, 1))
+    variables = {**variables, "params": params}
     if self.config.model.init == "pretrained":
       m = self.config.model
       params = dict(variables["params"])
@@ -294,9 +320,21 @@ class Lavida(System):
     return (jnp.concatenate([fwd, masked.complementary_mask(fwd, answer, never)]),
             jnp.concatenate([t, 1.0 - t]))
 
+  def pad_to_batch(self, batch):
+    """Every row's supervised EOS padding extended to the batch's longest (answer + extra
+    pad), as LaViDa's collator pads a batch: a row's answer slot then no longer tells its own
+    answer length (per-row slots teach "a short slot holds a short answer", and sampling,
+    whose slot is always ``answer_len``, then runs captions on)."""
+    answer = batch["answer_mask"]
+    longest = jnp.max(jnp.sum(answer, axis=1))
+    pos = jnp.arange(answer.shape[1])
+    pad = (pos >= self.prompt_len) & (pos < self.prompt_len + longest)
+    return dict(batch, answer_mask=answer | pad, slot_mask=batch["slot_mask"] | pad)
+
   def loss(self, params, batch, rng):
     m = self.config.model
     p, a = self.prompt_len, self.answer_len
+    batch = self.pad_to_batch(batch)
     embeds = self.model.apply({"params": params}, batch["tokens"], batch["images"],
                               batch["image_index"], method=LavidaModel.embed)    # [B, T, E]
     mask, t = self.forward_masks(batch, rng)
@@ -372,13 +410,7 @@ class Lavida(System):
     return {"sample": self.sample_mode, "eval": self.eval_mode, "export": self.export_mode}
 
   def _held_out(self, num: int):
-    from mmjax.data import shapes  # pylint: disable=import-outside-toplevel
-    src = shapes.ShapesSource(seed=self.config.seed + 10_000,
-                              resolution=self.config.data.resolution)
-    recs = [src[i] for i in range(num)]
-    examples = [self.preprocess(r, None) for r in recs]
-    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-    return recs, batch
+    return ld.held_out(self.config, num, lambda r: self.preprocess(r, None))
 
   def _captions(self, params, batch, bs: int = 64, **options):
     """Decoded answers of every row, seconds per sample (compile excluded), mean NFE."""
@@ -451,7 +483,7 @@ class Lavida(System):
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
     with open(os.path.join(workdir, "eval", "lavida_demo.json"), "w") as f:
       json.dump(result, f, indent=1)
-    print(format_table(result), flush=True)
+    print(ld.format_table(result), flush=True)
     return result
 
   def export_mode(self, params, workdir):
@@ -472,20 +504,6 @@ def _stack_flops(c: core.TransformerConfig, tokens: int, seq: int) -> float:
   mlp = (3 if c.mlp_act in ("swiglu", "geglu") else 2) * c.d_model * c.mlp_dim
   scores = 2 * c.num_heads * c.head_dim * seq            # q.k and p.v per token
   return 2.0 * tokens * c.num_layers * (attn + mlp + scores / 2)
-
-
-def format_table(result: dict) -> str:
-  """The eval table as text (one row per model / cache / NFE setting)."""
-  lines = [f"LaViDa demo: {result['num_scenes']} held-out scenes, gen_length "
-           f"{result['gen_length']}, block {result['block_length']}, {result['device']}",
-           f"{'model':8s} {'cache':7s} {'decoding':14s} {'NFE':>6s} {'NFE%':>5s} "
-           f"{'attr acc':>8s} {'exact':>6s} {'ms/sample':>10s}"]
-  for r in result["rows"]:
-    how = f"tau={r['threshold']}" if r["threshold"] is not None else f"steps={r['steps']}"
-    lines.append(f"{r['model']:8s} {r['cache']:7s} {how:14s} {r['nfe']:6.1f} "
-                 f"{r['nfe_percent']:5.0f} {r['attribute_accuracy']:8.3f} {r['exact']:6.3f} "
-                 f"{1e3 * r['seconds_per_sample']:10.2f}")
-  return "\n".join(lines)
 
 
 # ============================================================================ export / import

@@ -19,10 +19,13 @@ produces fixed shapes so one compiled train step serves every image size:
   shapes-world tokenizer standing in for the headers.
 * **Answer**: the answer's tokens (stage 3: [S]/[FIM] segments from ``diffusion.masked.fim_insert``),
   the end-of-turn marker, then EOS padding that is *supervised*: the row is padded with EOS
-  to ``answer + max(0, e)`` tokens, ``e ~ U[extra_pad)`` (LaViDa's collator pads to the batch's
-  longest answer plus such a random extra; with static shapes each row draws its own),
-  clipped to the answer slot. Positions past that are padding (never attended, never in the
-  loss).
+  to ``answer + max(0, e)`` tokens, ``e ~ U[extra_pad)``, clipped to the answer slot;
+  positions past that are padding (never attended, never in the loss). LaViDa's collator pads
+  to the batch's longest answer plus such a random extra: ``Lavida.loss`` extends every row
+  to the batch's longest (``Lavida.pad_to_batch``), so a row's slot does not give away its
+  answer's length.
+* **The demo's eval** (`held_out`, `format_table`): held-out shapes scenes as one prompt
+  batch, and the speed / quality table as text.
 
 Example::
 
@@ -298,3 +301,30 @@ def make_example(prompter: Prompter, geometry: VisionGeometry, image: np.ndarray
           "answer_mask": np.concatenate([np.zeros((p,), bool), answer_mask]),
           "fim_mask": np.concatenate([np.zeros((p,), bool), fim_answer]),
           "images": views, "image_index": index}
+
+
+# ============================================================================ the demo's eval
+def held_out(config, num: int, preprocess):
+  """The first ``num`` held-out shapes scenes (seed ``config.seed + 10000``, the training
+  categories ``config.data.categories``) and their prompts as one batch."""
+  from mmjax.data import shapes  # pylint: disable=import-outside-toplevel
+  cats = [c.strip() for c in config.data.get("categories", "").split(",") if c.strip()]
+  src = shapes.ShapesSource(seed=config.seed + 10_000, categories=cats or None,
+                            resolution=config.data.resolution)
+  recs = [src[i] for i in range(num)]
+  examples = [preprocess(r) for r in recs]
+  return recs, {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def format_table(result: dict) -> str:
+  """The eval table as text (one row per model / cache / NFE setting)."""
+  lines = [f"LaViDa demo: {result['num_scenes']} held-out scenes, gen_length "
+           f"{result['gen_length']}, block {result['block_length']}, {result['device']}",
+           f"{'model':8s} {'cache':7s} {'decoding':14s} {'NFE':>6s} {'NFE%':>5s} "
+           f"{'attr acc':>8s} {'exact':>6s} {'ms/sample':>10s}"]
+  for r in result["rows"]:
+    how = f"tau={r['threshold']}" if r["threshold"] is not None else f"steps={r['steps']}"
+    lines.append(f"{r['model']:8s} {r['cache']:7s} {how:14s} {r['nfe']:6.1f} "
+                 f"{r['nfe_percent']:5.0f} {r['attribute_accuracy']:8.3f} {r['exact']:6.3f} "
+                 f"{1e3 * r['seconds_per_sample']:10.2f}")
+  return "\n".join(lines)
