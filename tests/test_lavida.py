@@ -257,6 +257,63 @@ def test_sampler_on_the_system(system, params):
   assert all(isinstance(system.decode(r), str) for r in np.asarray(thr))
 
 
+def test_infill_on_the_system(system, params):
+  """Text drafts through the system: fixed words kept in place, every hole filled with a
+  non-[MASK] token, padded drafts of different lengths in one batch == one at a time; bad
+  drafts are errors before anything compiles."""
+  batch = shapes_batch(system, 2, rng=None)
+  tok = system.prompter.tokenizer
+  drafts = [["a", 2, "circle"], ["two", 3]]
+  opts = system.sample_options(steps=6, block_length=6, cache="prefix")
+  texts, ids = system.infill(params, batch, drafts, **opts)
+  a, circle, two = (tok.token_to_id(w) for w in ("a", "circle", "two"))
+  assert ids[0, 0] == a and ids[0, 3] == circle and ids[1, 0] == two
+  assert (ids[0, 1:3] != system.mask_id).all() and (ids[1, 1:4] != system.mask_id).all()
+  assert (ids[0, 4:] == system.prompter.eos_id).all()        # past the draft: padding
+  assert texts[0].split()[0] == "a" and isinstance(texts[1], str)
+  for r, d in enumerate(drafts):
+    one, one_ids = system.infill(params, {k: v[r:r + 1] for k, v in batch.items()}, [d],
+                                 **opts)
+    np.testing.assert_array_equal(one_ids[0], ids[r])
+  for bad, msg in (([["a", "circle"], ["two", 1]], "no hole"),
+                   ([["a", 20], ["two", 1]], "longer than"),
+                   ([["a", 0], ["two", 1]], "at least one slot"),
+                   ([["a", 1]], "1 drafts for 2")):
+    with pytest.raises(ValueError, match=msg):
+      system.infill(params, batch, bad, **opts)
+  with pytest.raises(ValueError, match="not a token id"):
+    system.generate(params, batch, draft_ids=np.array([[system.mask_id, 10**6]] * 2), **opts)
+
+
+def test_infill_accuracy_counts_the_holes(system, params):
+  """The demo's infill rows: one hole per colour (shape) word of each reference."""
+  src = shapes.ShapesSource(seed=0, resolution=system.config.data.resolution)
+  refs = [src[i]["caption"] for i in range(3)]
+  batch = shapes_batch(system, 3, rng=None)
+  for kind, names in (("color", shapes.COLORS), ("shape", shapes.SHAPES)):
+    r = system._infill_accuracy(params, batch, refs, kind)
+    want = sum(w.rstrip("s") in names for ref in refs for w in ref.split())
+    assert r["holes"] == want > 0 and 0.0 <= r["accuracy"] <= 1.0
+    assert [e["reference"] for e in r["examples"]] == refs
+  line = ld.format_table({"num_scenes": 3, "gen_length": 12, "block_length": 4,
+                          "device": "cpu", "rows": [], "infill": {"color": r}})
+  assert "infill: color words" in line
+
+
+def test_fim_infill_strips_markers(params):
+  """Stage 3 drafts end each hole with [FIM]; the output has [S] / [FIM] removed."""
+  system = tiny_system(preset="stage3,demo")
+  pr = system.prompter
+  draft = pr.draft(["a", 3, "circle"], fim=True)
+  assert draft.tolist() == [pr.tokenizer.token_to_id("a")] + [pr.mask_id] * 3 + [
+      pr.fim_id, pr.tokenizer.token_to_id("circle")]
+  batch = shapes_batch(system, 1, rng=None)
+  _, ids = system.infill(params, batch, [["a", 3, "circle"]],
+                         **system.sample_options(steps=4, block_length=12, cache="none"))
+  assert not np.isin(ids, [pr.s_id, pr.fim_id]).any()
+  assert ids[0, 0] == pr.tokenizer.token_to_id("a")
+
+
 def test_dream_backbone_traces():
   """LaViDa-D: Dream's shifted logits through the same loss and sampler (shapes only)."""
   system = tiny_system("--config.model.llm_config.hidden_size=32",
@@ -272,5 +329,5 @@ def test_dream_backbone_traces():
   run = system._sampler(tuple(sorted(system.sample_options(cache="prefix").items())))
   p = system.prompt_len
   out, _ = jax.eval_shape(run, params, batch["tokens"][:, :p], batch["slot_mask"][:, :p],
-                          batch["images"], batch["image_index"], jax.random.key(0))
+                          batch["images"], batch["image_index"], jax.random.key(0), None, None)
   assert out.shape == (2, system.answer_len)

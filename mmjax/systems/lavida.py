@@ -377,26 +377,69 @@ class Lavida(System):
     kw = dict(opts)
 
     @jax.jit
-    def run(params, tokens, slot_mask, images, image_index, rng):
+    def run(params, tokens, slot_mask, images, image_index, rng, draft, real):
       pe = self.model.apply({"params": params}, tokens, images, image_index,
                             method=LavidaModel.embed)
       return masked_sampler.generate(
           self.diffusion_lm(params), prompt_embeds=pe, prompt_mask=slot_mask,
           gen_length=self.answer_len, mask_id=self.mask_id, eos_id=self.prompter.eos_id,
-          rng=rng, return_nfe=True, **kw)
+          rng=rng, return_nfe=True, draft_ids=draft, draft_mask=real, **kw)
     return run
 
-  def generate(self, params, prompts: dict, rng=None, **options):
+  def generate(self, params, prompts: dict, rng=None, draft_ids=None, draft_mask=None,
+               **options):
     """Answers ``[b, answer_len]`` and the number of model calls for a batch of prompts
     (``tokens`` / ``slot_mask`` cut to the prompt, ``images``, ``image_index``: what
     ``preprocess`` gives). ``options``: ``masked_sampler.generate``'s (steps, block_length,
-    schedule, cache, threshold, ...). One compiled program per distinct options."""
+    schedule, cache, threshold, infill_steps, ...). One compiled program per distinct options.
+
+    ``draft_ids [b, D <= answer_len]`` (``draft_mask``: False on padding): infill -- the
+    answer starts from the draft, its ``mask_id`` positions are filled and every other token
+    is kept (``masked_sampler``'s module docstring; ``Lavida.infill`` builds drafts from
+    text). Checked here, before anything compiles."""
+    if self.prompter is None:
+      raise ValueError("LaViDa.generate needs a tokenizer (model.tokenizer_path)")
+    b = np.shape(prompts["tokens"])[0]
+    draft = real = None
+    if draft_ids is not None:
+      draft, real = masked_sampler.check_draft(draft_ids, draft_mask, b, self.answer_len,
+                                               self.mask_id, self.model_cfg.text.vocab_size)
+    elif draft_mask is not None:
+      raise ValueError("draft_mask needs draft_ids")
     run = self._sampler(tuple(sorted(options.items())))
     p = self.prompt_len
     rng = jax.random.key(0) if rng is None else rng
     return run(params, jnp.asarray(prompts["tokens"][:, :p]),
                jnp.asarray(prompts["slot_mask"][:, :p]), jnp.asarray(prompts["images"]),
-               jnp.asarray(prompts["image_index"]), rng)
+               jnp.asarray(prompts["image_index"]), rng, draft, real)
+
+  def infill(self, params, prompts: dict, drafts, rng=None, **options):
+    """Fills the holes of text drafts (LaViDa-FIM inference) -> ``(texts, ids [b, G])``.
+
+    ``drafts``: one per prompt row, each a list of pieces: a string is kept as written, an
+    int ``n`` is a hole of ``n`` [M] slots, followed by [FIM] when the model is FIM-trained
+    (stage 3: it writes [S] filler for unused slots, so a hole takes up to ``n`` tokens).
+    [S] / [FIM] are stripped from the output before decoding. Example::
+
+      texts, _ = system.infill(params, batch, [["a", 2, "circle"]] * len(batch["tokens"]))
+    """
+    if self.prompter is None:
+      raise ValueError("LaViDa.infill needs a tokenizer (model.tokenizer_path)")
+    if len(drafts) != np.shape(prompts["tokens"])[0]:
+      raise ValueError(f"{len(drafts)} drafts for {np.shape(prompts['tokens'])[0]} prompts")
+    fim = self.config.model.stage == 3
+    rows = [self.prompter.draft(d, fim=fim) for d in drafts]
+    too_long = [i for i, r in enumerate(rows) if len(r) > self.answer_len]
+    if too_long:
+      raise ValueError(f"drafts {too_long} are longer than model.answer_len="
+                       f"{self.answer_len} tokens")
+    draft_ids, draft_mask = masked_sampler.pad_drafts(rows, pad_id=self.prompter.eos_id)
+    ids, _ = self.generate(params, prompts, rng, draft_ids=draft_ids, draft_mask=draft_mask,
+                           **options)
+    ids = masked_sampler.strip_tokens(ids, (self.prompter.s_id, self.prompter.fim_id),
+                                      self.prompter.eos_id)
+    ids = np.asarray(ids)
+    return [self.decode(r) for r in ids], ids
 
   def sample_options(self, **changes) -> dict:
     """``config.sample`` as ``generate`` options (``changes`` override)."""
@@ -479,12 +522,35 @@ class Lavida(System):
                                 for r, t in zip(refs[:4], texts[:4])]})
     result = {"num_scenes": len(recs), "gen_length": g,
               "block_length": self.config.sample.block_length, "device": str(jax.devices()[0]),
-              "rows": rows}
+              "rows": rows,
+              "infill": {kind: self._infill_accuracy(params, batch, refs, kind)
+                         for kind in ("color", "shape")}}
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
     with open(os.path.join(workdir, "eval", "lavida_demo.json"), "w") as f:
       json.dump(result, f, indent=1)
     print(ld.format_table(result), flush=True)
     return result
+
+  def _infill_accuracy(self, params, batch, refs, kind: str) -> dict:
+    """Infill on the trained model: each reference caption with its colour (or shape) words
+    as one-slot holes; the fraction of holes filled with the reference word."""
+    from mmjax.data import shapes  # pylint: disable=import-outside-toplevel
+    is_hole = ((lambda w: w in shapes.COLORS) if kind == "color" else
+               (lambda w: w.rstrip("s") in shapes.SHAPES))
+    drafts, want = [], []
+    for ref in refs:
+      words = ref.split()
+      drafts.append([1 if is_hole(w) else w for w in words])
+      want.append([w for w in words if is_hole(w)])
+    texts, _ = self.infill(params, batch, drafts, **self.sample_options(cache="prefix"))
+    hits = total = 0
+    for draft, text, words in zip(drafts, texts, want):
+      got = text.split()
+      filled = [got[i] if i < len(got) else None for i, p in enumerate(draft) if p == 1]
+      hits += sum(a == b for a, b in zip(filled, words))
+      total += len(words)
+    return {"holes": total, "accuracy": hits / max(total, 1),
+            "examples": [{"reference": r, "filled": t} for r, t in zip(refs[:4], texts[:4])]}
 
   def export_mode(self, params, workdir):
     """WORKDIR/export: LaViDa's checkpoint layout (``config.json`` + safetensors with the

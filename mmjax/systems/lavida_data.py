@@ -244,6 +244,29 @@ class Prompter:
     return (np.asarray([self.pad_id] * pad + ids, np.int32),
             np.asarray([False] * pad + [True] * (text + image_slots)))
 
+  def draft(self, pieces, fim: bool = False) -> np.ndarray:
+    """An infill draft's ids from pieces: a string is encoded as written, an int ``n >= 1``
+    is a hole of ``n`` ``mask_id`` slots (then a [FIM] marker when ``fim``: LaViDa-FIM
+    marks where each hole ends).
+
+    >>> prompter.draft(["a", 2, "circle"])        # [id('a'), M, M, id('circle')]
+    """
+    if isinstance(pieces, (str, int)):
+      raise ValueError(f"a draft is a list of pieces (str or int), got {pieces!r}")
+    ids = []
+    for piece in pieces:
+      if isinstance(piece, bool) or not isinstance(piece, (str, int, np.integer)):
+        raise ValueError(f"draft piece {piece!r} is not a string or a hole length")
+      if isinstance(piece, str):
+        ids += self._ids(piece)
+      elif piece < 1:
+        raise ValueError(f"a draft hole needs at least one slot, got {piece}")
+      else:
+        ids += [self.mask_id] * int(piece) + ([self.fim_id] if fim else [])
+    if self.mask_id not in ids:
+      raise ValueError(f"draft {pieces!r} has no hole (an int piece) to fill")
+    return np.asarray(ids, np.int32)
+
   def answer_words(self, answer: str) -> list:
     """The answer's token ids grouped by word (what FIM inserts between)."""
     enc = self.tokenizer.encode(answer, add_special_tokens=False)
@@ -327,4 +350,7 @@ def format_table(result: dict) -> str:
     lines.append(f"{r['model']:8s} {r['cache']:7s} {how:14s} {r['nfe']:6.1f} "
                  f"{r['nfe_percent']:5.0f} {r['attribute_accuracy']:8.3f} {r['exact']:6.3f} "
                  f"{1e3 * r['seconds_per_sample']:10.2f}")
+  for kind, r in result.get("infill", {}).items():
+    lines.append(f"infill: {kind} words as one-slot holes in the reference caption: "
+                 f"{r['accuracy']:.3f} of {r['holes']} filled right")
   return "\n".join(lines)
