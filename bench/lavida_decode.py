@@ -11,13 +11,15 @@ Qwen2 ``DecoderLM`` with the same width, depth, heads, MLP and vocabulary (causa
 biases) decoded greedily with its KV cache (``models.lm.greedy_generate``). The prompt stands
 for LaViDa's image + text prompt (``--prompt`` tokens); vision encoding is excluded (both
 sides would pay it once). Each row: median wall time of ``--repeats`` calls after a compile
-call, output tokens per second (batch x gen / time), model calls (NFE) and the speed relative
+call (the repeats interleaved across rows, so drift in machine speed hits every row alike),
+output tokens per second (batch x gen / time), model calls (NFE) and the speed relative
 to the autoregressive decoder. Random weights make the threshold row's NFE meaningless for
 quality (a trained model commits several tokens per step); it is reported as measured.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -38,7 +40,7 @@ def main(argv=None):
   p.add_argument("--block", type=int, default=16, help="block_length (semi-AR blocks)")
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--threshold", type=float, default=0.9)
-  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--dtype", default="float32")
   args = p.parse_args(argv)
 
@@ -62,31 +64,33 @@ def main(argv=None):
   lm = DiffusionLM(llada, llada.init(jax.random.key(0), ids[:, :8])["params"], prefix_dlm=True)
   ar_params = qwen.init(jax.random.key(0), ids[:, :8])["params"]
 
-  def timed(fn):
-    out = jax.block_until_ready(fn())                     # compile + first run
-    times = []
-    for _ in range(args.repeats):
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn())
-      times.append(time.perf_counter() - t0)
-    return out, statistics.median(times)
-
-  tokens = args.batch * args.gen
-  rows = []
-  _, t_ar = timed(lambda: greedy_generate(qwen, ar_params, ids, mask, max_new_tokens=args.gen))
-  rows.append(("autoregressive", "kv", "-", args.gen, t_ar))
   g = args.gen
+  cases = [("autoregressive", "kv", "-",
+            lambda: greedy_generate(qwen, ar_params, ids, mask, max_new_tokens=g))]
   for cache in ("none", "prefix", "dual"):
     for k in (1, 2, 4):
-      (_, nfe), t = timed(lambda: generate(lm, ids, mask, gen_length=g, steps=g // k,
-                                           block_length=args.block, mask_id=mask_id,
-                                           schedule="shift", cache=cache, return_nfe=True))
-      rows.append(("masked diffusion", cache, f"{100 // k}%", int(nfe), t))
+      cases.append(("masked diffusion", cache, f"{100 // k}%", functools.partial(
+          generate, lm, ids, mask, gen_length=g, steps=g // k, block_length=args.block,
+          mask_id=mask_id, schedule="shift", cache=cache, return_nfe=True)))
   for cache in ("prefix", "dual"):
-    (_, nfe), t = timed(lambda: generate(lm, ids, mask, gen_length=g, block_length=args.block,
-                                         mask_id=mask_id, threshold=args.threshold,
-                                         cache=cache, return_nfe=True))
-    rows.append((f"threshold {args.threshold}", cache, "-", int(nfe), t))
+    cases.append((f"threshold {args.threshold}", cache, "-", functools.partial(
+        generate, lm, ids, mask, gen_length=g, block_length=args.block, mask_id=mask_id,
+        threshold=args.threshold, cache=cache, return_nfe=True)))
+  # compile + first run of every case, then the repeats interleaved (round r times every
+  # case once), so drift in the machine's speed hits all rows alike; medians reported
+  outs = [jax.block_until_ready(fn()) for *_, fn in cases]
+  times = [[] for _ in cases]
+  for _ in range(args.repeats):
+    for i, (*_, fn) in enumerate(cases):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[i].append(time.perf_counter() - t0)
+  tokens = args.batch * g
+  rows = []
+  for (name, cache, pct, _), out, ts in zip(cases, outs, times):
+    nfe = g if name == "autoregressive" else int(out[1])
+    rows.append((name, cache, pct, nfe, statistics.median(ts)))
+  t_ar = rows[0][-1]
 
   print(f"device {jax.devices()[0].device_kind}; d_model {args.d_model}, {args.layers} layers, "
         f"{args.heads} heads, mlp {args.mlp}, vocab {args.vocab}, {args.dtype}; batch "

@@ -129,8 +129,9 @@ def get_config(arg=None):
     # what makes the tiny model learn on 2 CPU cores: 64px scenes cut into 32px tiles (objects
     # 13-20 px, 8px patches), SigLIP / projector initialised as the references draw them
     # (Lavida.init), lr 1e-3 (3e-3 stalls on the image), a 12-token answer slot (the longest
-    # caption is 8 words + EOS)
-    c.total_steps = 1500
+    # caption is 8 words + EOS), 4000 steps (1500: attribute accuracy 0.41, 2000: 0.49,
+    # 4000: 0.61; unpooled views cost 3x per step)
+    c.total_steps = 4000
     c.log_every = 50
     c.checkpoint_every = 500
     c.dtype = "float32"
@@ -148,7 +149,7 @@ def get_config(arg=None):
                                  num_attention_heads=4, image_size=32, patch_size=8,
                                  layer_norm_eps=1e-6)
     c.sample.update(steps=12, block_length=4, cache="prefix", num_images=16)
-    c.eval.update(num_scenes=128)
+    c.eval.update(num_scenes=256)
     c.data.resolution = 64
     c.data.batch_size = 16
     c.optim.lr = 1e-3

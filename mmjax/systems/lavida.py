@@ -23,7 +23,7 @@ Sampling (``Lavida.generate``): the prompt embeddings (image spliced in) go to
 ``diffusion.masked_sampler.generate`` -- one ``while_loop`` with schedules, remasking, CFG,
 prefix / dual KV cache and confidence-threshold decoding.
 
-Example (CPU, ~8 minutes: trains, then the speed / quality table)::
+Example (CPU, ~11 minutes: trains, then the speed / quality table)::
 
     python launch/tpu.py --config configs/lavida.py:demo --workdir /tmp/lavida
     python launch/tpu.py --config configs/lavida.py:demo --workdir /tmp/lavida --mode export
@@ -456,17 +456,27 @@ class Lavida(System):
     return ld.held_out(self.config, num, lambda r: self.preprocess(r, None))
 
   def _captions(self, params, batch, bs: int = 64, **options):
-    """Decoded answers of every row, seconds per sample (compile excluded), mean NFE."""
+    """Decoded answers of every row, seconds per sample (median over batches of ``bs``,
+    compile excluded), mean NFE. The last batch is padded with copies of its first row, so
+    every batch has one shape (one compile)."""
     n = len(batch["tokens"])
-    chunks = [{k: v[i:i + bs] for k, v in batch.items()} for i in range(0, n, bs)]
+    bs = min(bs, n)
+    chunks = []
+    for i in range(0, n, bs):
+      c = {k: v[i:i + bs] for k, v in batch.items()}
+      extra = bs - len(c["tokens"])
+      chunks.append({k: np.concatenate([v, np.repeat(v[:1], extra, 0)]) for k, v in c.items()})
     jax.block_until_ready(self.generate(params, chunks[0], **options))        # compile
-    out, nfes, t0 = [], [], time.perf_counter()
+    out, nfes, times = [], [], []
     for c in chunks:
+      t0 = time.perf_counter()
       ids, nfe = self.generate(params, c, **options)
       out.append(np.asarray(ids))
-      nfes.append(int(nfe) * len(c["tokens"]))
-    seconds = (time.perf_counter() - t0) / n
-    return [self.decode(row) for row in np.concatenate(out)], seconds, sum(nfes) / n
+      times.append((time.perf_counter() - t0) / bs)
+      nfes.append(int(nfe))
+    rows = np.concatenate(out)[:n]
+    nfe = float(np.mean(np.repeat(nfes, bs)[:n]))
+    return [self.decode(row) for row in rows], float(np.median(times)), nfe
 
   def decode(self, ids) -> str:
     """Answer text up to the first EOS (markers kept, so junk never parses as a caption;
