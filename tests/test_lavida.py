@@ -133,6 +133,60 @@ def test_pooling_matches_torch_bilinear():
 
 
 # ----------------------------------------------------------------------------- data
+LLADA_CHAT = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}"
+              "<|end_header_id|>\n\n{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+              "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>"
+              "\n\n{% endif %}")
+DREAM_CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def byte_bpe(special, texts):
+  """A tiny byte-level BPE tokenizer with ``special`` as added special tokens."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(texts, trainers.BpeTrainer(
+      vocab_size=400, special_tokens=list(special),
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  return tok
+
+
+@pytest.mark.parametrize("kind", ["llada", "dream"])
+def test_chat_template_matches_transformers(kind):
+  """The prompt ids (placeholder at the start of the user turn, then the question) equal
+  transformers' ``apply_chat_template`` on the same conversation: LLaDA's LLaMA-3 headers
+  with LaViDa's system prompt, Dream's ChatML. A tokenizer without the markers is an error."""
+  from transformers import PreTrainedTokenizerFast
+  if kind == "llada":
+    special = ["<|startoftext|>", "<|endoftext|>", "<|start_header_id|>", "<|end_header_id|>",
+               "<|eot_id|>", "<image>"]
+    system_prompt, template = ld.LLADA_SYSTEM, LLADA_CHAT
+  else:
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|fim_middle|>", "<|fim_pad|>",
+               "<image>"]
+    system_prompt, template = "You are a helpful assistant.", DREAM_CHAT
+  tok = byte_bpe(special, [system_prompt, "Describe the image.\nuser assistant system"])
+  image_id = tok.token_to_id("<image>")
+  prompter = getattr(ld.Prompter, kind)(tok, image_id, question="Describe the image.")
+  ids, mask = prompter.prompt(None, image_slots=3, max_text=200)
+  ours = ids[mask].tolist()
+  ref = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>"
+                                if kind == "llada" else None)
+  messages = [{"role": "system", "content": system_prompt},
+              {"role": "user", "content": "<image>\nDescribe the image."}]
+  want = ref.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                 tokenize=True, return_dict=False)
+  want = [i for w in want for i in ([image_id] * 3 if w == image_id else [w])]
+  assert ours == want
+  assert prompter.answer_end == [tok.token_to_id("<|eot_id|>" if kind == "llada"
+                                                 else "<|im_end|>")]
+  with pytest.raises(ValueError, match=r"no <\|start_header_id\|>"):
+    ld.Prompter.llada(byte_bpe(["<|startoftext|>", "<|eot_id|>", "<|end_header_id|>"],
+                               ["a b"]), 0)
+
+
 def test_preprocess_pads_answers_with_supervised_eos(system):
   p, a = system.prompt_len, system.answer_len
   eos = system.prompter.eos_id

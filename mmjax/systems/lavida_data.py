@@ -159,6 +159,16 @@ class VisionGeometry:
 
 
 # ============================================================================ prompt
+def _special_ids(tokenizer, model: str, names: Sequence[str]):
+  """``token_to_id`` after checking the chat template's special tokens are single tokens of
+  ``tokenizer`` (a tokenizer without them would silently split the markers into text)."""
+  missing = [n for n in names if tokenizer.token_to_id(n) is None]
+  if missing:
+    raise ValueError(f"the tokenizer has no {', '.join(missing)} token(s): the chat template "
+                     f"needs {model}'s tokenizer (tokenizer.json)")
+  return tokenizer.token_to_id
+
+
 class Prompter:
   """Chat template + tokenizer: prompt ids with one image placeholder, answers as words.
 
@@ -204,20 +214,22 @@ class Prompter:
   def llada(cls, tokenizer, image_id: int, question: str = "Describe the image.") -> "Prompter":
     """LLaDA-8B-Instruct's tokenizer with LaViDa's conversation template; ``image_id`` is
     the placeholder (a reserved id the text tokenizer never produces)."""
-    t = tokenizer.token_to_id
+    t = _special_ids(tokenizer, "LLaDA-8B-Instruct", ("<|startoftext|>", "<|start_header_id|>",
+                                                      "<|end_header_id|>", "<|eot_id|>"))
     head = lambda role: f"<|start_header_id|>{role}<|end_header_id|>\n\n"
     return cls("llada", tokenizer,
                prefix=head("system") + LLADA_SYSTEM + "<|eot_id|>" + head("user"),
                suffix="\n{question}<|eot_id|>" + head("assistant"),
                mask_id=126336, eos_id=126081, fim_id=126085, s_id=126086,
-               image_id=image_id, answer_end=[126348],
+               image_id=image_id, answer_end=[t("<|eot_id|>")],
                bos=[t("<|startoftext|>")], question=question)
 
   @classmethod
   def dream(cls, tokenizer, image_id: int, question: str = "Describe the image.") -> "Prompter":
     """Dream-7B's (Qwen2.5) tokenizer and chat template; [FIM] / [S] are Qwen's
     ``<|fim_middle|>`` / ``<|fim_pad|>``; ``image_id`` is the placeholder."""
-    t = tokenizer.token_to_id
+    t = _special_ids(tokenizer, "Dream-v0-Instruct-7B", ("<|im_start|>", "<|im_end|>",
+                                                         "<|fim_middle|>", "<|fim_pad|>"))
     return cls("dream", tokenizer,
                prefix="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
                       "<|im_start|>user\n",
