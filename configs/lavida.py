@@ -101,6 +101,8 @@ def get_config(arg=None):
   c.eval = dict(
       num_scenes=256,            # held-out shapes scenes for the speed / quality table
       threshold=0.9,             # threshold-decoding rows of the table
+      infill_slots=3 if stage == 3 else 1,   # [M] slots per hole in the infill rows (a FIM
+                                             # model fills a hole with words + [S] filler)
   )
   c.data.resolution = 384
   c.data.caption_key = "caption"
@@ -149,6 +151,9 @@ def get_config(arg=None):
                                  num_attention_heads=4, image_size=32, patch_size=8,
                                  layer_norm_eps=1e-6)
     c.sample.update(steps=12, block_length=4, cache="prefix", num_images=16)
+    if stage == 3:               # room for [S]... [FIM] segments (longer answers skip FIM)
+      c.model.answer_len = 24
+      c.sample.update(steps=24, block_length=8)
     c.eval.update(num_scenes=256)
     c.data.resolution = 64
     c.data.batch_size = 16

@@ -250,6 +250,26 @@ def test_stage3_fim_markers_are_never_masked():
   assert not np.asarray(mask)[:, fim.any(0)][np.tile(fim, (2, 1))[:, fim.any(0)]].any()
 
 
+def test_long_answers_are_bad_records_and_fim_only_when_it_fits():
+  """An answer longer than the answer slot is a BadRecord (never cut short); at stage 3 a
+  FIM insertion that would not fit leaves that example without FIM, all words kept."""
+  from mmjax.data import BadRecord
+  system = tiny_system("--config.model.answer_len=6", preset="stage3,demo")
+  img = shapes.ShapesSource(seed=0, resolution=64)[0]["image"]
+  with pytest.raises(BadRecord, match="exceeds model.answer_len=6"):
+    system.preprocess({"image": img, "caption": "two red circles left of a blue square"},
+                      np.random.default_rng(0))
+  pr, a = system.prompter, system.answer_len
+  caption = "two red circles above"                       # 4 words + EOS: 5 of 6 slots
+  want = [pr.tokenizer.token_to_id(w) for w in caption.split()]
+  for seed in range(20):
+    ex = system.preprocess({"image": img, "caption": caption}, np.random.default_rng(seed))
+    ans = ex["tokens"][-a:]
+    words = [int(t) for t in ans if t not in (pr.s_id, pr.fim_id, pr.eos_id)]
+    assert words == want
+    assert ex["fim_mask"].sum() == (ans == pr.fim_id).sum() <= 1
+
+
 # ----------------------------------------------------------------------------- training
 def test_complementary_masks_cover_every_answer_token_once(system):
   batch = shapes_batch(system, 4)

@@ -475,6 +475,9 @@ class Lavida(System):
       times.append((time.perf_counter() - t0) / bs)
       nfes.append(int(nfe))
     rows = np.concatenate(out)[:n]
+    if self.config.model.stage == 3:      # a FIM model may write [S] filler: not part of text
+      rows = np.asarray(masked_sampler.strip_tokens(
+          rows, (self.prompter.s_id, self.prompter.fim_id), self.prompter.eos_id))
     nfe = float(np.mean(np.repeat(nfes, bs)[:n]))
     return [self.decode(row) for row in rows], float(np.median(times)), nfe
 
@@ -543,23 +546,26 @@ class Lavida(System):
 
   def _infill_accuracy(self, params, batch, refs, kind: str) -> dict:
     """Infill on the trained model: each reference caption with its colour (or shape) words
-    as one-slot holes; the fraction of holes filled with the reference word."""
+    as holes of ``eval.infill_slots`` slots (a FIM model writes the word and [S] filler,
+    stripped); the fraction of holes filled with exactly the reference word."""
+    slots = int(self.config.eval.get("infill_slots", 1))
     from mmjax.data import shapes  # pylint: disable=import-outside-toplevel
     is_hole = ((lambda w: w in shapes.COLORS) if kind == "color" else
                (lambda w: w.rstrip("s") in shapes.SHAPES))
     drafts, want = [], []
     for ref in refs:
       words = ref.split()
-      drafts.append([1 if is_hole(w) else w for w in words])
+      drafts.append([slots if is_hole(w) else w for w in words])
       want.append([w for w in words if is_hole(w)])
     texts, _ = self.infill(params, batch, drafts, **self.sample_options(cache="prefix"))
     hits = total = 0
     for draft, text, words in zip(drafts, texts, want):
       got = text.split()
-      filled = [got[i] if i < len(got) else None for i, p in enumerate(draft) if p == 1]
+      filled = [got[i] if i < len(got) else None for i, p in enumerate(draft)
+                if isinstance(p, int)]
       hits += sum(a == b for a, b in zip(filled, words))
       total += len(words)
-    return {"holes": total, "accuracy": hits / max(total, 1),
+    return {"holes": total, "slots": slots, "accuracy": hits / max(total, 1),
             "examples": [{"reference": r, "filled": t} for r, t in zip(refs[:4], texts[:4])]}
 
   def export_mode(self, params, workdir):

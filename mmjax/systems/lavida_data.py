@@ -302,6 +302,8 @@ def make_example(prompter: Prompter, geometry: VisionGeometry, image: np.ndarray
   ``answer_mask [T]`` (answer and its supervised EOS padding: what the forward process may
   mask), ``fim_mask [T]`` ([FIM] markers: never masked), ``images [V, tile, tile, 3]``,
   ``image_index [max_tokens]``. ``rng=None`` (prompting): no extra pad, no FIM.
+  An answer longer than ``answer_len`` (with its end marker) is a ``BadRecord``; a FIM
+  insertion that would not fit is skipped for that example (it trains without FIM).
   """
   views, index = geometry.views(image)
   prompt, prompt_mask = prompter.prompt(question, geometry.max_tokens, max_prompt_text)
@@ -312,12 +314,17 @@ def make_example(prompter: Prompter, geometry: VisionGeometry, image: np.ndarray
   prompt_mask[slots] = index != PAD_INDEX
 
   words = prompter.answer_words(answer)
-  if fim and rng is not None:
-    ids, fim_marks = masked.fim_insert(words, rng, prompter.s_id, prompter.fim_id, prob=fim_prob)
-  else:
-    ids = np.concatenate(words) if words else np.zeros((0,), np.int32)
-    fim_marks = np.zeros(ids.shape, bool)
   end = np.asarray(prompter.answer_end, np.int32)
+  ids = np.concatenate(words) if words else np.zeros((0,), np.int32)
+  fim_marks = np.zeros(ids.shape, bool)
+  if len(ids) + len(end) > answer_len:      # never cut an answer short: a visible bad record
+    raise BadRecord(f"answer of {len(ids) + len(end)} tokens (with its end marker) exceeds "
+                    f"model.answer_len={answer_len}")
+  if fim and rng is not None:
+    fim_ids, fim_fim = masked.fim_insert(words, rng, prompter.s_id, prompter.fim_id,
+                                         prob=fim_prob)
+    if len(fim_ids) + len(end) <= answer_len:   # else this example stays without FIM
+      ids, fim_marks = fim_ids, fim_fim
   ids = np.concatenate([ids, end])
   fim_marks = np.concatenate([fim_marks, np.zeros(end.shape, bool)])
   extra = int(rng.integers(*extra_pad)) if rng is not None else 0
@@ -363,6 +370,6 @@ def format_table(result: dict) -> str:
                  f"{r['nfe_percent']:5.0f} {r['attribute_accuracy']:8.3f} {r['exact']:6.3f} "
                  f"{1e3 * r['seconds_per_sample']:10.2f}")
   for kind, r in result.get("infill", {}).items():
-    lines.append(f"infill: {kind} words as one-slot holes in the reference caption: "
-                 f"{r['accuracy']:.3f} of {r['holes']} filled right")
+    lines.append(f"infill: {kind} words as {r.get('slots', 1)}-slot holes in the reference "
+                 f"caption: {r['accuracy']:.3f} of {r['holes']} filled right")
   return "\n".join(lines)
