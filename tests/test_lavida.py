@@ -380,7 +380,9 @@ def test_fim_infill_strips_markers(params):
   pr = system.prompter
   draft = pr.draft(["a", 3, "circle"], fim=True)
   assert draft.tolist() == [pr.tokenizer.token_to_id("a")] + [pr.mask_id] * 3 + [
-      pr.fim_id, pr.tokenizer.token_to_id("circle")]
+      pr.fim_id, pr.tokenizer.token_to_id("circle")] + pr.answer_end
+  assert pr.draft(["a", 1], complete=False).tolist() == [pr.tokenizer.token_to_id("a"),
+                                                          pr.mask_id]
   batch = shapes_batch(system, 1, rng=None)
   _, ids = system.infill(params, batch, [["a", 3, "circle"]],
                          **system.sample_options(steps=4, block_length=12, cache="none"))

@@ -100,7 +100,7 @@ def test_fim_insert_structure():
   words = [np.array([100 + i, 200 + i]) if i % 3 == 0 else np.array([100 + i])
            for i in range(60)]                                   # 60 words, N = 6
   flat = np.concatenate(words)
-  seen_n = set()
+  seen_n, seen_end = set(), False
   for seed in range(40):
     ids, fim = masked.fim_insert(words, np.random.default_rng(seed), s_id, fim_id, prob=1.0)
     assert (ids[fim] == fim_id).all() and fim.sum() == (ids == fim_id).sum()
@@ -114,12 +114,17 @@ def test_fim_insert_structure():
       while k + 2 <= len(run) and run[-2 - k] == s_id:
         k += 1
       assert k <= 5
-    starts = np.cumsum([0] + [len(w) for w in words])           # segments sit between words
+    starts = np.cumsum([0] + [len(w) for w in words])    # between words or at the end
     plain_pos = np.flatnonzero(~np.isin(ids, [s_id, fim_id]))
     for f in np.flatnonzero(fim):
-      nxt = plain_pos[plain_pos > f][0]
-      assert int(np.sum(plain_pos < nxt)) in set(starts[1:-1].tolist())
+      assert int(np.sum(plain_pos < f)) in set(starts[1:].tolist())
+      seen_end = seen_end or not (plain_pos > f).any()
   assert seen_n == set(range(1, 7))                              # n ~ U[1, N]
+  assert seen_end                                                # the end is a place too
+  for seed in range(40):                                         # at_end=False: never
+    ids, _ = masked.fim_insert(words, np.random.default_rng(seed), s_id, fim_id, prob=1.0,
+                               at_end=False)
+    assert ids[-1] == flat[-1]
 
 
 def test_fim_insert_skips_short_answers_and_probability():

@@ -212,13 +212,16 @@ def pad_answers_with_eos(ids: Sequence[np.ndarray], answer_len: Sequence[int], e
 
 def fim_insert(words, rng: np.random.Generator, s_id: int, fim_id: int, *, prob: float = 0.8,
                max_s: int = 5, min_words: int = 4, min_segments: int = 5,
-               max_segments: int = 10, segment_frac: float = 0.1):
+               max_segments: int = 10, segment_frac: float = 0.1, at_end: bool = True):
   """LaViDa's stage-3 fill-in-the-middle insertion into one answer.
 
   With probability ``prob``, for answers of at least ``min_words`` words (the spec's
   "longer than 3"), ``n ~ U[1, N]`` segments are inserted at distinct word boundaries,
-  ``N = min(max(min_segments, int(segment_frac * words)), max_segments)`` (and n <= words-1);
-  each segment is ``0..max_s`` [S] tokens followed by one [FIM].
+  ``N = min(max(min_segments, int(segment_frac * words)), max_segments)`` (and n at most the
+  number of boundaries); each segment is ``0..max_s`` [S] tokens followed by one [FIM]. The
+  boundaries are between words and, with ``at_end``, after the last word (the spec leaves the
+  places open; without the end a draft whose hole ends the answer is never seen in training
+  and the hole is filled with EOS).
 
   Args:
     words: one 1-D int array of token ids per word, or a flat 1-D array (each id a word).
@@ -238,11 +241,12 @@ def fim_insert(words, rng: np.random.Generator, s_id: int, fim_id: int, *, prob:
   if n_words < min_words or rng.random() >= prob:
     return flat, np.zeros(flat.shape, bool)
   cap = min(max(min_segments, int(segment_frac * n_words)), max_segments)
-  n = min(int(rng.integers(1, cap + 1)), n_words - 1)
-  after = set(int(i) for i in rng.choice(np.arange(1, n_words), size=n, replace=False))
+  places = np.arange(1, n_words + 1 if at_end else n_words)    # a segment before word i
+  n = min(int(rng.integers(1, cap + 1)), len(places))
+  before = set(int(i) for i in rng.choice(places, size=n, replace=False))
   out, fim = [], []
-  for i, w in enumerate(words):
-    if i in after:                                   # a segment before word i
+  for i, w in enumerate(words + [np.zeros((0,), np.int32)]):    # i = n_words: the end
+    if i in before:
       k = int(rng.integers(0, max_s + 1))
       out.append(np.array([s_id] * k + [fim_id], np.int32))
       fim.append(np.arange(k + 1) == k)

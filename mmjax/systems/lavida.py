@@ -413,13 +413,15 @@ class Lavida(System):
                jnp.asarray(prompts["slot_mask"][:, :p]), jnp.asarray(prompts["images"]),
                jnp.asarray(prompts["image_index"]), rng, draft, real)
 
-  def infill(self, params, prompts: dict, drafts, rng=None, **options):
+  def infill(self, params, prompts: dict, drafts, rng=None, complete: bool = True,
+             **options):
     """Fills the holes of text drafts (LaViDa-FIM inference) -> ``(texts, ids [b, G])``.
 
     ``drafts``: one per prompt row, each a list of pieces: a string is kept as written, an
     int ``n`` is a hole of ``n`` [M] slots, followed by [FIM] when the model is FIM-trained
     (stage 3: it writes [S] filler for unused slots, so a hole takes up to ``n`` tokens).
-    [S] / [FIM] are stripped from the output before decoding. Example::
+    [S] / [FIM] are stripped from the output before decoding. ``complete``: each draft is
+    the whole answer (its end marker is appended; ``Prompter.draft``). Example::
 
       texts, _ = system.infill(params, batch, [["a", 2, "circle"]] * len(batch["tokens"]))
     """
@@ -428,7 +430,7 @@ class Lavida(System):
     if len(drafts) != np.shape(prompts["tokens"])[0]:
       raise ValueError(f"{len(drafts)} drafts for {np.shape(prompts['tokens'])[0]} prompts")
     fim = self.config.model.stage == 3
-    rows = [self.prompter.draft(d, fim=fim) for d in drafts]
+    rows = [self.prompter.draft(d, fim=fim, complete=complete) for d in drafts]
     too_long = [i for i, r in enumerate(rows) if len(r) > self.answer_len]
     if too_long:
       raise ValueError(f"drafts {too_long} are longer than model.answer_len="

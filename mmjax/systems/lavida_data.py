@@ -256,10 +256,12 @@ class Prompter:
     return (np.asarray([self.pad_id] * pad + ids, np.int32),
             np.asarray([False] * pad + [True] * (text + image_slots)))
 
-  def draft(self, pieces, fim: bool = False) -> np.ndarray:
+  def draft(self, pieces, fim: bool = False, complete: bool = True) -> np.ndarray:
     """An infill draft's ids from pieces: a string is encoded as written, an int ``n >= 1``
     is a hole of ``n`` ``mask_id`` slots (then a [FIM] marker when ``fim``: LaViDa-FIM
-    marks where each hole ends).
+    marks where each hole ends). ``complete``: the pieces are the whole answer, so the
+    answer's end marker (``answer_end``) follows them, as in training; without it a hole at
+    the end reads as the answer's end and tends to be filled with EOS.
 
     >>> prompter.draft(["a", 2, "circle"])        # [id('a'), M, M, id('circle')]
     """
@@ -277,7 +279,7 @@ class Prompter:
         ids += [self.mask_id] * int(piece) + ([self.fim_id] if fim else [])
     if self.mask_id not in ids:
       raise ValueError(f"draft {pieces!r} has no hole (an int piece) to fill")
-    return np.asarray(ids, np.int32)
+    return np.asarray(ids + (list(self.answer_end) if complete else []), np.int32)
 
   def answer_words(self, answer: str) -> list:
     """The answer's token ids grouped by word (what FIM inserts between)."""
