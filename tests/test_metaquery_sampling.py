@@ -4,8 +4,6 @@ SanaTransformer2DModel step by step with the same conditions and noise; one XLA 
 import os
 
 import jax
-import jax.extend
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -14,6 +12,7 @@ from mmjax import config as mcfg
 from mmjax.interop.diffusers_io import load_diffusers
 from mmjax.systems import metaquery as mq
 from mmjax.systems.base import get_system
+from test_flow import _walk
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -78,13 +77,6 @@ def test_sampling_loop_matches_diffusers_step_by_step(tmp_path, num_steps, shift
   # the whole loop, decode included: pixels from the same latents
   images = jax.jit(system._generate)(params, ids, mask, jax.random.key(0))
   assert images.shape == (2, 16, 16, 3)
-
-
-def _walk(jaxpr):
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      yield from _walk(sub)
 
 
 def test_generation_is_one_program(tmp_path):

@@ -8,7 +8,6 @@ import re
 
 import flax.linen as nn
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from mmjax.models import llava_onevision as lov
 from mmjax.systems import metaquery as mq
 from mmjax.systems import metaquery_tasks as mqt
 from mmjax.systems.base import get_system
+from test_flow import _walk
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "metaquery.py")
@@ -325,13 +325,6 @@ def test_edit_dropout_in_the_loss_is_the_black_image():
 
 
 # ----------------------------------------------------------------------------- sampling
-def _walk(jaxpr):
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      yield from _walk(sub)
-
-
 def test_three_way_cfg_is_one_program_equal_to_per_branch_steps():
   system, params = system_of("instruct")
   exs = [system.preprocess(r, None) for r in records("instruct", range(3))]

@@ -438,10 +438,13 @@ class Lavida(System):
     draft_ids, draft_mask = masked_sampler.pad_drafts(rows, pad_id=self.prompter.eos_id)
     ids, _ = self.generate(params, prompts, rng, draft_ids=draft_ids, draft_mask=draft_mask,
                            **options)
-    ids = masked_sampler.strip_tokens(ids, (self.prompter.s_id, self.prompter.fim_id),
-                                      self.prompter.eos_id)
-    ids = np.asarray(ids)
+    ids = self._strip_fim(ids)
     return [self.decode(r) for r in ids], ids
+
+  def _strip_fim(self, ids) -> np.ndarray:
+    """``ids`` without [S] / [FIM] (FIM filler and markers are not part of the text)."""
+    p = self.prompter
+    return np.asarray(masked_sampler.strip_tokens(ids, (p.s_id, p.fim_id), p.eos_id))
 
   def sample_options(self, **changes) -> dict:
     """``config.sample`` as ``generate`` options (``changes`` override)."""
@@ -477,9 +480,8 @@ class Lavida(System):
       times.append((time.perf_counter() - t0) / bs)
       nfes.append(int(nfe))
     rows = np.concatenate(out)[:n]
-    if self.config.model.stage == 3:      # a FIM model may write [S] filler: not part of text
-      rows = np.asarray(masked_sampler.strip_tokens(
-          rows, (self.prompter.s_id, self.prompter.fim_id), self.prompter.eos_id))
+    if self.config.model.stage == 3:      # a FIM model may write [S] filler
+      rows = self._strip_fim(rows)
     nfe = float(np.mean(np.repeat(nfes, bs)[:n]))
     return [self.decode(row) for row in rows], float(np.median(times)), nfe
 
@@ -550,7 +552,7 @@ class Lavida(System):
     """Infill on the trained model: each reference caption with its colour (or shape) words
     as holes of ``eval.infill_slots`` slots (a FIM model writes the word and [S] filler,
     stripped); the fraction of holes filled with exactly the reference word."""
-    slots = int(self.config.eval.get("infill_slots", 1))
+    slots = int(self.config.eval.infill_slots)
     from mmjax.data import shapes  # pylint: disable=import-outside-toplevel
     is_hole = ((lambda w: w in shapes.COLORS) if kind == "color" else
                (lambda w: w.rstrip("s") in shapes.SHAPES))
