@@ -40,7 +40,7 @@ import numpy as np
 
 from mmjax import core
 from mmjax.interop.tables import IDENTITY, LINEAR, Family, Rule, prefixed
-from mmjax.models import qwen2, siglip
+from mmjax.models import image_tokens, qwen2, siglip
 from mmjax.models.anyres import ImageLayout
 from mmjax.models.lm import DecoderLM, LMConfig
 
@@ -91,28 +91,7 @@ class LlavaOnevision(nn.Module):
 
   def pack(self, feats, layouts: Sequence[ImageLayout]):
     """Per-view features -> the image tokens of all images ``[tokens, d_model]``."""
-    newline = self.image_newline.astype(feats.dtype)
-    d, out, k = feats.shape[-1], [], 0
-    for lay in layouts:
-      views = feats[k:k + lay.num_views]
-      k += lay.num_views
-      out.append(views[0])
-      if not lay.rows:
-        out.append(newline[None])
-        continue
-      g = lay.grid
-      pic = views[1:].reshape(lay.rows, lay.cols, g, g, d).transpose(0, 2, 1, 3, 4)
-      pic = pic.reshape(lay.rows * g, lay.cols * g, d)
-      top, bottom, left, right = lay.crop
-      pic = pic[top:bottom, left:right]
-      if lay.resize_to is not None:
-        pic = jax.image.resize(pic, lay.resize_to + (d,), "linear", antialias=False)
-      h, w = lay.picture_hw
-      pic = jnp.concatenate([pic, jnp.broadcast_to(newline, (h, 1, d))], axis=1)
-      out.append(pic.reshape(h * (w + 1), d))
-    if k != feats.shape[0]:
-      raise ValueError(f"layouts need {k} views, images has {feats.shape[0]}")
-    return jnp.concatenate(out, axis=0)
+    return image_tokens.pack(feats, layouts, self.image_newline)
 
   def embed(self, input_ids, images=None, layouts: Sequence[ImageLayout] = ()):
     """Token embeddings with the image features spliced in ``[batch, len, d_model]``."""
@@ -120,20 +99,12 @@ class LlavaOnevision(nn.Module):
     if images is None:
       return x
     feats = self.pack(self.image_features(images), layouts).astype(x.dtype)
-    return splice(x, input_ids == self.config.image_token_id, feats)
+    return image_tokens.splice(x, input_ids == self.config.image_token_id, feats)
 
   def __call__(self, input_ids, images=None, layouts: Sequence[ImageLayout] = (),
                attention_mask=None, positions=None, cache=None):
     x = self.embed(input_ids, images, layouts)
     return self.language_model(None, attention_mask, positions, cache, inputs_embeds=x)
-
-
-def splice(x, is_image, feats):
-  """Replaces the embeddings at ``is_image [batch, len]`` (row-major order) by ``feats``."""
-  b, s, d = x.shape
-  flat = is_image.reshape(-1)
-  idx = jnp.clip(jnp.cumsum(flat) - 1, 0, feats.shape[0] - 1)
-  return jnp.where(flat[:, None], feats[idx], x.reshape(b * s, d)).reshape(b, s, d)
 
 
 # ----------------------------------------------------------------------------- processor

@@ -178,6 +178,7 @@ class Captioner(System):
   def sample_mode(self, params, workdir, num=16):
     """Captions held-out scenes: WORKDIR/samples/captions.json and a captions.png grid."""
     from mmjax.eval.captions import score_captions  # pylint: disable=import-outside-toplevel
+    from mmjax.eval.pictures import caption_grid  # pylint: disable=import-outside-toplevel
     recs, images = self._held_out(num)
     captions = self._captions(params, images)
     scores = score_captions(captions, [r["caption"] for r in recs])
@@ -208,22 +209,3 @@ class Captioner(System):
     for k in ("step0", "trained"):
       print(f"{k:10s} {result[k]['attribute_accuracy']:9.3f} {result[k]['exact']:7.3f}")
     return result
-
-
-def caption_grid(images, captions, references=None, cols=4, scale=3):
-  """A PNG-able PIL grid: each image enlarged, the generated caption (and reference) below."""
-  from PIL import Image, ImageDraw  # pylint: disable=import-outside-toplevel
-  h, w = images[0].shape[:2]
-  cw, ch = max(w * scale, 220), h * scale + 30
-  rows = -(-len(images) // cols)
-  grid = Image.new("RGB", (cols * cw, rows * ch), "white")
-  draw = ImageDraw.Draw(grid)
-  for k, (img, cap) in enumerate(zip(images, captions)):
-    x, y = (k % cols) * cw, (k // cols) * ch
-    grid.paste(Image.fromarray(np.asarray(img)).resize((w * scale, h * scale), Image.NEAREST),
-               (x, y))
-    ok = references is None or cap == references[k]
-    draw.text((x + 2, y + h * scale + 2), cap[:40], fill=(0, 0, 0) if ok else (200, 0, 0))
-    if references is not None and not ok:
-      draw.text((x + 2, y + h * scale + 15), references[k][:40], fill=(0, 120, 0))
-  return grid

@@ -51,7 +51,7 @@ from mmjax.interop import hf as hf_io
 from mmjax.interop.subtree import load_into
 from mmjax.interop.tables import IDENTITY, LINEAR, Family, Rule, prefixed
 from mmjax.models import dream, llada, siglip
-from mmjax.models.llava_onevision import splice
+from mmjax.models.image_tokens import splice
 from mmjax.models.lm import DecoderLM, LMConfig
 from mmjax.systems import lavida_data as ld
 from mmjax.systems.base import System
@@ -497,7 +497,7 @@ class Lavida(System):
   def sample_mode(self, params, workdir):
     """Captions of held-out scenes: WORKDIR/samples/lavida_captions.{json,png}."""
     from mmjax.eval.captions import score_captions  # pylint: disable=import-outside-toplevel
-    from mmjax.systems.captioner import caption_grid  # pylint: disable=import-outside-toplevel
+    from mmjax.eval.pictures import caption_grid  # pylint: disable=import-outside-toplevel
     recs, batch = self._held_out(int(self.config.sample.num_images))
     captions, _, _ = self._captions(params, batch, **self.sample_options())
     refs = [r["caption"] for r in recs]

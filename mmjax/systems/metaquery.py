@@ -60,7 +60,7 @@ from mmjax import core
 from mmjax.data import BadRecord, image as image_ops
 from mmjax.diffusion import flow, solvers
 from mmjax.interop.subtree import load_into
-from mmjax.models import dc_ae, qwen2, sana_dit
+from mmjax.models import dc_ae, image_tokens, qwen2, sana_dit
 from mmjax.models import llava_onevision as lov
 from mmjax.models.lm import DecoderLM, LMConfig
 from mmjax.systems.base import System
@@ -289,37 +289,6 @@ def _depthwise_as_shifts(next_fun, args, kwargs, context):
   return y + p["bias"].astype(mod.dtype) if "bias" in p else y
 
 
-def pack_views(feats, layout, newline):
-  """Projected per-view features ``[n, V, g*g, D]`` of ``n`` images that share one static
-  ``anyres.ImageLayout`` -> their image tokens ``[n, T, D]`` (``T = layout.num_tokens``):
-  ``LlavaOnevision.pack`` for every image at once (base view, then the grid picture
-  unpadded / resized with ``newline`` after each row; a base-only layout gets one newline)."""
-  n, _, _, d = feats.shape
-  nl = newline.astype(feats.dtype)
-  base = feats[:, 0]
-  if not layout.rows:
-    return jnp.concatenate([base, jnp.broadcast_to(nl, (n, 1, d))], axis=1)
-  g = layout.grid
-  pic = feats[:, 1:].reshape(n, layout.rows, layout.cols, g, g, d).transpose(0, 1, 3, 2, 4, 5)
-  pic = pic.reshape(n, layout.rows * g, layout.cols * g, d)
-  top, bottom, left, right = layout.crop
-  pic = pic[:, top:bottom, left:right]
-  if layout.resize_to is not None:
-    pic = jax.image.resize(pic, (n,) + tuple(layout.resize_to) + (d,), "linear",
-                           antialias=False)
-  h, w = layout.picture_hw
-  pic = jnp.concatenate([pic, jnp.broadcast_to(nl, (n, h, 1, d))], axis=2)
-  return jnp.concatenate([base, pic.reshape(n, h * (w + 1), d)], axis=1)
-
-
-def splice_rows(x, is_image, feats):
-  """Per row: the embeddings at ``is_image [b, L]`` (in order) replaced by ``feats [b, M, D]``
-  (row ``i``'s k-th image position gets ``feats[i, k]``; rows may hold fewer than ``M``)."""
-  idx = jnp.clip(jnp.cumsum(is_image.astype(jnp.int32), axis=1) - 1, 0, feats.shape[1] - 1)
-  picked = jnp.take_along_axis(feats, idx[..., None], axis=1)
-  return jnp.where(is_image[..., None], picked.astype(x.dtype), x)
-
-
 def space_to_depth(images, patch: int):
   """Pixel "latents" for CPU demos: ``[b, H, W, 3]`` in [-1, 1] -> ``[b, H/p, W/p, 3 p^2]``."""
   return dc_ae.pixel_unshuffle(images, patch) if patch > 1 else images
@@ -341,7 +310,7 @@ class MetaQueryModel(nn.Module):
   Input images (``image_layout`` set): ``views [b, K, V, S, S, 3]`` -- K image slots per
   example, V views per image, SigLIP-normalised -- go through the vision tower and the
   projector (``lax.stop_gradient``: the tower is frozen and nothing upstream trains), are
-  packed per image (``pack_views``) and spliced, row by row in order, at the prompt's
+  packed per image (``image_tokens.pack_views``) and spliced, row by row in order, at the prompt's
   ``image_token_id`` positions. A row with n < K images has n placeholder groups, in slots
   0..n-1; the features of the empty slots are computed (static shapes) and never used.
   """
@@ -391,8 +360,8 @@ class MetaQueryModel(nn.Module):
     if self.mllm_cfg.feature_select == "default":
       feats = feats[:, 1:]
     feats = self.mllm.projector(feats)                                   # [bkv, g*g, D]
-    feats = pack_views(feats.reshape((b * k, v) + feats.shape[1:]), self.image_layout,
-                       self.mllm.image_newline)                          # [bk, T, D]
+    feats = image_tokens.pack_views(feats.reshape((b * k, v) + feats.shape[1:]),
+                                    self.image_layout, self.mllm.image_newline)  # [bk, T, D]
     return jax.lax.stop_gradient(feats.reshape(b, -1, feats.shape[-1]))
 
   def query_states(self, prompt_ids, prompt_mask, views=None):
@@ -408,7 +377,7 @@ class MetaQueryModel(nn.Module):
     dtype = self.text_config.stack.dtype
     prompt = lm.embed(prompt_ids)                                        # [b, P, D]
     if views is not None:
-      prompt = splice_rows(prompt, prompt_ids == self.image_token_id, self.image_tokens(views))
+      prompt = image_tokens.splice(prompt, prompt_ids == self.image_token_id, self.image_tokens(views))
     suffix = lm.embed(jnp.broadcast_to(jnp.asarray(self.suffix_ids, jnp.int32),
                                        (b, len(self.suffix_ids))))
     block = jnp.concatenate([self.markers[:1], self.queries, self.markers[1:]]).astype(dtype)
@@ -731,7 +700,7 @@ class MetaQuery(System):
   def sample_mode(self, params, workdir, num=None):
     """A grid of generated images with their prompts: WORKDIR/samples/metaquery.png."""
     from mmjax.data import shapes  # pylint: disable=import-outside-toplevel
-    from mmjax.systems.captioner import caption_grid  # pylint: disable=import-outside-toplevel
+    from mmjax.eval.pictures import caption_grid  # pylint: disable=import-outside-toplevel
     scenes = self._eval_scenes(num or self.config.sample.num_images)
     captions = [shapes.caption(s) for s in scenes]
     images = self.generate(params, captions, jax.random.key(self.config.seed + 1))
