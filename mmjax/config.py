@@ -100,6 +100,11 @@ def base_config() -> ConfigDict:
   # Regexes of parameter paths excluded from weight decay (default: biases, norms, embeddings
   # of markers are decided by the system). Matching is on the 'a/b/c' path.
   c.optim.no_decay = [r".*bias$", r".*(norm|ln|scale).*"]
+  # Optimizer groups of multi-objective systems (System.objectives()): name -> overrides of the
+  # fields above for that group, e.g. groups.disc = dict(lr=1e-4, b1=0.5, b2=0.9).
+  c.optim.groups = ConfigDict()
+  c.optim.grad_accum_steps = 1  # microbatches per step, accumulated inside the jitted step
+  c.optim.ema_decay = 0.0       # parameter EMA (0 = off); sample/eval modes use it when set
 
   c.data = ConfigDict()
   c.data.source = "shapes"      # shapes | array_record | tfds

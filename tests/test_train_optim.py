@@ -57,7 +57,7 @@ def test_frozen_params_get_no_state_and_stay_bitwise():
   trainable, frozen = opt.split(params)
   for _ in range(3):
     grads = jax.tree.map(jnp.ones_like, trainable)
-    updates, state = opt.tx.update(grads, state, trainable)
+    updates, state["main"] = opt.tx.update(grads, state["main"], trainable)
     trainable = jax.tree.map(jnp.add, trainable, updates)
   after = opt.merge(trainable, frozen)
   for path in ("enc/dense/kernel", "enc/dense/bias", "enc/norm/scale"):
@@ -87,7 +87,7 @@ def test_weight_decay_mask():
               no_decay=[r".*bias$", r".*(norm|scale).*"]), params)
   state = opt.init(params)
   zeros = jax.tree.map(jnp.zeros_like, params)  # no gradient: only decay moves params
-  updates, _ = opt.tx.update(zeros, state, params)
+  updates, _ = opt.tx.update(zeros, state["main"], params)
   new = jax.tree.map(jnp.add, params, updates)
   np.testing.assert_allclose(new["enc"]["dense"]["kernel"], 1 - 0.1 * 0.5)
   np.testing.assert_allclose(new["dec"]["kernel"], 1 - 0.1 * 0.5)
@@ -102,7 +102,7 @@ def test_lr_groups_scale_updates():
               lr_groups=[[r"enc/dense/.*", 0.1], [r"enc/.*", 0.5]]), params)
   state = opt.init(params)
   grads = jax.tree.map(jnp.ones_like, params)  # Adam's first step moves each weight by ~lr
-  updates, _ = opt.tx.update(grads, state, params)
+  updates, _ = opt.tx.update(grads, state["main"], params)
   np.testing.assert_allclose(updates["enc"]["dense"]["kernel"], -0.01, rtol=1e-5)
   np.testing.assert_allclose(updates["enc"]["norm"]["scale"], -0.05, rtol=1e-5)
   np.testing.assert_allclose(updates["dec"]["kernel"], -0.1, rtol=1e-5)
@@ -118,5 +118,5 @@ def test_clipping_and_counts_on_abstract_params():
   state = opt.init(concrete)
   grads = jax.tree.map(lambda x: 100.0 * jnp.ones_like(x), concrete)
   # after clipping to norm 1 Adam's first step is still ~lr (scale-invariant), finite
-  updates, _ = opt.tx.update(grads, state, concrete)
+  updates, _ = opt.tx.update(grads, state["main"], concrete)
   assert all(np.isfinite(np.asarray(u)).all() for u in jax.tree.leaves(updates))

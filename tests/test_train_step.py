@@ -60,7 +60,7 @@ def test_params_and_optimizer_state_are_sharded(runs):
   state = runs[(1, 2, 4)][0]
   kernel = state.params["fc1"]["kernel"]  # [16 embed -> fsdp=2, 32 mlp -> tensor=4]
   assert kernel.addressable_shards[0].data.shape == (8, 8)
-  mu = state.opt_state[1].mu["fc1"]["kernel"]
+  mu = state.opt_state["main"][1].mu["fc1"]["kernel"]
   assert mu.sharding == kernel.sharding
   report = parallel.param_report(state.params)
   assert report["sharded_fraction"] > 0.9
@@ -70,7 +70,7 @@ def test_params_and_optimizer_state_are_sharded(runs):
 def test_frozen_tower_bitwise_and_without_state(runs):
   for state, _, tower, opt in runs.values():
     assert np.asarray(state.params["tower"]).tobytes() == tower.tobytes()
-    assert "tower" not in state.opt_state[1].mu
+    assert "tower" not in state.opt_state["main"][1].mu
     assert opt.counts(state.params) == (1104, 256)
     assert int(state.step) == STEPS
 

@@ -7,9 +7,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import train_helpers  # noqa: E402  (registers the 'tiny_mlp' system)
+import train_helpers  # noqa: E402  (registers the test systems)
 
 
 def get_config(arg=None):
-  del arg
+  """``tests/train_config.py`` (TinyMLP) or ``tests/train_config.py:tokenizer`` (the toy
+  multi-objective tokenizer)."""
+  if arg == "tokenizer":
+    return train_helpers.toy_tokenizer_config()
+  if arg:
+    raise ValueError(f"unknown preset {arg!r} (known: tokenizer)")
   return train_helpers.tiny_config()

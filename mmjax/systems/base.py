@@ -10,6 +10,11 @@ Contract (all arrays are per-example numpy in ``preprocess``, global jax arrays 
 * ``init(rng, batch)``      -> variables dict ``{'params': ...}`` (boxed with logical names);
                               called under ``jax.jit(out_shardings=...)`` / ``eval_shape``.
 * ``loss(params, batch, rng)`` -> ``(scalar loss, dict of scalar metrics)``; pure, jittable.
+* ``objectives()``           -> list of ``mmjax.train.objectives.Objective`` (default: one,
+                              ``main``, from ``loss``). Multi-objective systems (a GAN's
+                              generator and discriminator, each with its own optimizer
+                              group; EMA codebooks as mutable collections returned by a
+                              loss) override it; see ``mmjax/train/objectives.py``.
 * ``preprocess(record, rng)``  -> dict of fixed-shape numpy arrays for one example; raises
                               ``mmjax.data.BadRecord`` on undecodable input.
 * ``dummy_batch(batch_size)`` -> dict of numpy arrays with the batch's shapes/dtypes.
@@ -29,7 +34,7 @@ import ml_collections
 _REGISTRY: dict[str, str] = {
     # name -> "module:ClassName"; modules import lazily so a system's deps load only when used.
     "captioner": "mmjax.systems.captioner:Captioner",
-    "metaquery": "mmjax.systems.metaquery:MetaQuery",
+    "metaquery": "mmjax.systems.metaquery.system:MetaQuery",
     "lavida": "mmjax.systems.lavida:Lavida",
 }
 
@@ -47,6 +52,11 @@ class System:
 
   def loss(self, params, batch, rng):
     raise NotImplementedError
+
+  def objectives(self) -> list:
+    """One objective, ``main``: ``self.loss`` over every trainable parameter."""
+    from mmjax.train.objectives import MAIN, Objective  # pylint: disable=import-outside-toplevel
+    return [Objective(MAIN, lambda params, batch, rng, ctx: self.loss(params, batch, rng))]
 
   def preprocess(self, record: dict, rng) -> dict:
     raise NotImplementedError

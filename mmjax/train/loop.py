@@ -33,6 +33,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mmjax import parallel
+from mmjax.errors import NoCheckpoint
 from mmjax.data.pipeline import make_iterator
 from mmjax.train import flops as flops_lib
 from mmjax.train.checkpoint import Checkpointer
@@ -256,18 +257,20 @@ def train(config: Any, workdir: str, system: Any = None) -> TrainResult:
 
 
 def restore_params(config: Any, workdir: str, system: Any) -> tuple[Any, int]:
-  """``(params, step)`` of the newest readable checkpoint, on the current mesh."""
+  """``(params, step)`` of the newest readable checkpoint, on the current mesh; with
+  ``optim.ema_decay`` set, the EMA parameters (what sampling and evaluation use)."""
   mesh = parallel.make_mesh(config.mesh)
   rules = parallel.logical_rules(config)
-  abstract, _, _ = abstract_train_state(system, config, mesh, rules)
+  abstract, _, optimizer = abstract_train_state(system, config, mesh, rules)
   ckpt = Checkpointer(workdir, config)
   try:
     restored = ckpt.restore_latest(abstract)
   finally:
     ckpt.close()
   if restored is None:
-    raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
-  return restored.state.params, restored.step
+    raise NoCheckpoint(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; "
+                       "train first (--mode train)")
+  return restored.state.eval_params(optimizer), restored.step
 
 
 def run_mode(config: Any, workdir: str, system: Any, mode: str) -> Any:

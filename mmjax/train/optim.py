@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import types
 from typing import Any, Callable, Sequence
 
 import jax
@@ -32,6 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import traverse_util
+
+from mmjax.errors import UnknownField
+from mmjax.train import objectives as objectives_lib
 
 SEP = "/"
 
@@ -178,34 +182,68 @@ def adamw(optim_cfg: Any, schedule: Callable) -> optax.GradientTransformation:
 
 # ----------------------------------------------------------------------------- Optimizer
 
+# optim fields that belong to the whole step, not to one group
+_STEP_FIELDS = ("groups", "grad_accum_steps", "ema_decay", "frozen")
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """One optimizer group: the transform, its schedule and the parameter paths it updates."""
+  name: str
+  tx: optax.GradientTransformation
+  schedule: Callable[[Any], jax.Array]
+  paths: frozenset[str]
+
+
+def _select(params: Any, paths: frozenset[str]) -> tuple[dict, dict]:
+  flat = _flat(params)
+  return (traverse_util.unflatten_dict({k: v for k, v in flat.items() if k in paths}, sep=SEP),
+          traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in paths},
+                                       sep=SEP))
+
 
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
-  """An optax transform over the trainable sub-tree plus the split that defines it.
+  """One optax transform per objective (``groups``, in objective order) plus the split
+  that defines what is trainable.
 
-  ``trainable`` is a static set of paths; ``split``/``merge`` move between the full params
-  dict and ``(trainable sub-tree, frozen sub-tree)``. Both sub-trees are nested dicts (frozen
-  leaves simply absent from the first, trainable ones from the second).
+  ``trainable`` is the static set of trainable paths (the union of the groups');
+  ``split``/``merge`` move between the full params dict and ``(trainable sub-tree, frozen
+  sub-tree)``; ``split_group`` does the same for one group. Sub-trees are nested dicts
+  (absent leaves simply missing). ``tx`` / ``schedule`` are the first (``main``) group's.
   """
-  tx: optax.GradientTransformation
-  schedule: Callable[[Any], jax.Array]
+  groups: tuple[Group, ...]
   trainable: frozenset[str]
 
+  @property
+  def tx(self) -> optax.GradientTransformation:
+    return self.groups[0].tx
+
+  @property
+  def schedule(self) -> Callable[[Any], jax.Array]:
+    return self.groups[0].schedule
+
+  def group(self, name: str) -> Group:
+    for g in self.groups:
+      if g.name == name:
+        return g
+    raise KeyError(f"no optimizer group {name!r}; groups: {[g.name for g in self.groups]}")
+
   def split(self, params: Any) -> tuple[dict, dict]:
-    flat = _flat(params)
-    train = {k: v for k, v in flat.items() if k in self.trainable}
-    frozen = {k: v for k, v in flat.items() if k not in self.trainable}
-    return (traverse_util.unflatten_dict(train, sep=SEP),
-            traverse_util.unflatten_dict(frozen, sep=SEP))
+    return _select(params, self.trainable)
+
+  def split_group(self, params: Any, name: str) -> tuple[dict, dict]:
+    """``(the group's sub-tree, everything else)``."""
+    return _select(params, self.group(name).paths)
 
   def merge(self, trainable: Any, frozen: Any) -> dict:
     flat = dict(_flat(frozen))
     flat.update(_flat(trainable))
     return traverse_util.unflatten_dict(flat, sep=SEP)
 
-  def init(self, params: Any) -> Any:
-    """Optimizer state for the trainable leaves of ``params`` (nothing for frozen ones)."""
-    return self.tx.init(self.split(params)[0])
+  def init(self, params: Any) -> dict:
+    """``{group: optax state of the group's leaves}`` (nothing for frozen parameters)."""
+    return {g.name: g.tx.init(_select(params, g.paths)[0]) for g in self.groups}
 
   def counts(self, params: Any) -> tuple[int, int]:
     """``(trainable, frozen)`` parameter counts (works on arrays or ShapeDtypeStructs)."""
@@ -215,11 +253,32 @@ class Optimizer:
     return n_train, n_frozen
 
 
+def group_config(optim_cfg: Any, name: str) -> types.SimpleNamespace:
+  """``config.optim`` overridden by ``config.optim.groups[name]`` (if any); an override of a
+  field ``optim`` does not have is an error naming it."""
+  base = {k: v for k, v in optim_cfg.items() if k != "groups"}
+  overrides = optim_cfg.groups[name].to_dict() if name in optim_cfg.groups else {}
+  for key in overrides:
+    if key not in base or key in _STEP_FIELDS:
+      raise UnknownField(f"optim.groups.{name}.{key}",
+                         [f"optim.groups.{name}.{k}" for k in base if k not in _STEP_FIELDS],
+                         "a group overrides optimizer fields")
+  return types.SimpleNamespace(**{**base, **overrides})
+
+
+def _objectives(system: Any) -> list:
+  if system is not None and hasattr(system, "objectives"):
+    return list(system.objectives())
+  return [objectives_lib.Objective(objectives_lib.MAIN, None)]
+
+
 def make_optimizer(config: Any, params: Any, system: Any = None) -> Optimizer:
-  """The optimizer of ``config.optim`` for ``params`` (arrays or ShapeDtypeStructs).
+  """The optimizer groups of ``system.objectives()`` (one ``main`` group by default) for
+  ``params`` (arrays or ShapeDtypeStructs), configured by ``config.optim`` (+ groups).
 
   ``system.trainable_mask(params)``, when the system defines it, freezes more parameters.
-  An ``lr_groups`` pattern that matches no trainable parameter is an error.
+  An objective's ``params`` regex or an ``lr_groups`` pattern that matches no trainable
+  parameter is an error, and so is a trainable parameter that no objective claims.
   """
   system_mask = None
   if system is not None and hasattr(system, "trainable_mask"):
@@ -229,5 +288,36 @@ def make_optimizer(config: Any, params: Any, system: Any = None) -> Optimizer:
             if not any(re.fullmatch(p, k) for k in trainable)]
   if unused:
     raise ValueError(f"optim.lr_groups patterns {unused} match no trainable parameter")
-  schedule = make_schedule(config.optim, config.total_steps)
-  return Optimizer(tx=adamw(config.optim, schedule), schedule=schedule, trainable=trainable)
+  objs = _objectives(system)
+  names = [o.name for o in objs]
+  if len(set(names)) != len(names):
+    raise ValueError(f"objective names repeat: {names}")
+  stray = sorted(set(config.optim.groups) - set(names))
+  if stray:
+    raise UnknownField(f"optim.groups.{stray[0]}", [f"optim.groups.{n}" for n in names],
+                       f"objectives of system {config.system!r}: {names}")
+  if sum(o.params is None for o in objs) > 1:
+    raise ValueError("at most one objective may take the unclaimed parameters (params=None)")
+  claimed: dict[str, frozenset[str]] = {}
+  taken: set[str] = set()
+  for o in objs:
+    if o.params is not None:
+      mine = frozenset(k for k in trainable if re.fullmatch(o.params, k) and k not in taken)
+      if not mine:
+        raise ValueError(f"objective {o.name!r}: params={o.params!r} matches no trainable "
+                         f"parameter")
+      claimed[o.name] = mine
+      taken |= mine
+  rest = frozenset(trainable - taken)
+  for o in objs:
+    if o.params is None:
+      claimed[o.name] = rest
+      rest = frozenset()
+  if rest:
+    raise ValueError(f"trainable parameters claimed by no objective: {sorted(rest)[:5]}")
+  groups = []
+  for o in objs:
+    cfg = group_config(config.optim, o.name)
+    schedule = make_schedule(cfg, config.total_steps)
+    groups.append(Group(o.name, adamw(cfg, schedule), schedule, claimed[o.name]))
+  return Optimizer(groups=tuple(groups), trainable=trainable)

@@ -32,10 +32,23 @@ P = jax.sharding.PartitionSpec
 
 class TrainState(struct.PyTreeNode):
   """``step``: completed optimizer steps (int32 scalar); ``params``: the full params dict
-  (trainable and frozen); ``opt_state``: optax state of the trainable sub-tree only."""
+  (trainable and frozen); ``opt_state``: ``{group: optax state}`` of each optimizer group's
+  trainable leaves (frozen ones have none); ``mutables``: the model's other collections
+  (``{collection: tree}``: EMA codebooks, batch statistics; ``{}`` when there are none);
+  ``ema_params``: the EMA of the trainable params (``optim.ema_decay`` > 0), else ``{}``.
+  Every leaf is sharded by its logical names and checkpointed."""
   step: Any
   params: Any
   opt_state: Any
+  mutables: Any = struct.field(default_factory=dict)
+  ema_params: Any = struct.field(default_factory=dict)
+
+  def eval_params(self, optimizer: Any) -> Any:
+    """The parameters sampling and evaluation use: the EMA (merged with the frozen ones)
+    when it is kept, else ``params``."""
+    if not self.ema_params:
+      return self.params
+    return optimizer.merge(self.ema_params, optimizer.split(self.params)[1])
 
 
 def _zeros_batch(system: Any, batch_size: int) -> dict:
@@ -88,18 +101,33 @@ def abstract_train_state(system: Any, config: Any, mesh: jax.sharding.Mesh, rule
   variables, var_shardings = psharding.abstract_init(_param_init_fn(system, config), mesh,
                                                      rules, rng)
   params, param_shardings = variables["params"], var_shardings["params"]
+  mutables = {k: v for k, v in variables.items() if k != "params"}
+  mutable_shardings = {k: v for k, v in var_shardings.items() if k != "params"}
   if optimizer is None:
     optimizer = optim_lib.make_optimizer(config, params, system)
   opt_state = jax.eval_shape(optimizer.init, params)
   opt_shardings = opt_state_shardings(opt_state, params, param_shardings, mesh)
+  if _ema_decay(config):
+    ema, ema_shardings = optimizer.split(params)[0], optimizer.split(param_shardings)[0]
+  else:
+    ema, ema_shardings = {}, {}
   replicated = jax.sharding.NamedSharding(mesh, P())
-  shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+  shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings,
+                         mutables=mutable_shardings, ema_params=ema_shardings)
   abstract = TrainState(
       step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
       params=params,
       opt_state=jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                             opt_state, opt_shardings))
+                             opt_state, opt_shardings),
+      mutables=mutables, ema_params=ema)
   return abstract, shardings, optimizer
+
+
+def _ema_decay(config: Any) -> float:
+  decay = float(config.optim.ema_decay)
+  if not 0.0 <= decay < 1.0:
+    raise ValueError(f"optim.ema_decay = {decay}; expected 0 (off) or a decay in (0, 1)")
+  return decay
 
 
 def create_train_state(system: Any, config: Any, mesh: jax.sharding.Mesh, rules: Rules,
@@ -111,9 +139,12 @@ def create_train_state(system: Any, config: Any, mesh: jax.sharding.Mesh, rules:
   init_params = _param_init_fn(system, config)
 
   def init(rng):
-    params = nn.meta.unbox(init_params(rng))["params"]
+    variables = nn.meta.unbox(init_params(rng))
+    params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params))
+                      opt_state=optimizer.init(params),
+                      mutables={k: v for k, v in variables.items() if k != "params"},
+                      ema_params=optimizer.split(params)[0] if _ema_decay(config) else {})
 
   with with_rules(rules, mesh):
     state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
