@@ -8,6 +8,7 @@ Default: a ~110M-parameter prefix-LM captioner at 64px for a TPU slice.
       --config.mesh.fsdp=-1 --config.mesh.data=1
 """
 from mmjax.config import base_config
+from mmjax.errors import parse_presets
 
 
 def get_config(arg=None):
@@ -38,7 +39,8 @@ def get_config(arg=None):
   c.optim.weight_decay = 0.1
   c.optim.b2 = 0.95
 
-  if arg == "demo":
+  presets = parse_presets(arg, ("demo",), "configs/captioner.py")
+  if "demo" in presets:
     c.total_steps = 300
     c.log_every = 10
     c.checkpoint_every = 100
@@ -51,6 +53,4 @@ def get_config(arg=None):
     c.optim.lr = 2e-3
     c.optim.warmup_steps = 30
     c.optim.weight_decay = 0.01
-  elif arg not in (None, ""):
-    raise ValueError(f"unknown preset {arg!r} for configs/captioner.py (known: demo)")
   return c

@@ -31,6 +31,17 @@ def parse_args(argv):
 
 
 def main(argv=None):
+  """Runs the job; a library error (``mmjax.errors.MmjaxError``: a config field, preset or
+  checkpoint that does not exist, ...) is printed as one line, exit code 2."""
+  from mmjax.errors import MmjaxError
+  try:
+    _main(argv)
+  except MmjaxError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
+
+
+def _main(argv=None):
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
   from mmjax import config as config_lib
   cfg = config_lib.load(args.config, overrides)

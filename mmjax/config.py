@@ -18,6 +18,8 @@ from typing import Sequence
 
 import ml_collections
 
+from mmjax.errors import ConfigError, UnknownField
+
 ConfigDict = ml_collections.ConfigDict
 
 # Logical axis names used by every model (weights) and by activations. The mapping from these
@@ -130,31 +132,43 @@ def _parse_value(text: str):
     return text
 
 
+def _fields(node: ConfigDict, prefix: str = "") -> list[str]:
+  out = []
+  for k, v in node.items():
+    out.append(prefix + k)
+    if isinstance(v, ConfigDict):
+      out.extend(_fields(v, prefix + k + "."))
+  return out
+
+
 def apply_overrides(cfg: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
-  """Applies ``--config.a.b=value`` strings; an unknown field raises naming it."""
+  """Applies ``--config.a.b=value`` strings; an unknown field raises ``UnknownField``
+  naming it and the closest existing field."""
   for item in overrides:
     if not item.startswith("--config."):
-      raise ValueError(f"override {item!r} must look like --config.a.b=value")
+      raise ConfigError(f"override {item!r} must look like --config.a.b=value")
     key, sep, value = item[len("--config."):].partition("=")
     if not sep:
-      raise ValueError(f"override {item!r} has no '=value'")
+      raise ConfigError(f"override {item!r} has no '=value'")
     node = cfg
     parts = key.split(".")
     for i, p in enumerate(parts[:-1]):
       if not isinstance(node, ConfigDict) or p not in node:
-        raise KeyError(f"unknown config field {'.'.join(parts[:i + 1])!r} "
-                       f"(from override {item!r})")
+        raise UnknownField(".".join(parts[:i + 1]), _fields(cfg), f"from override {item!r}")
       node = node[p]
     leaf = parts[-1]
     if not isinstance(node, ConfigDict) or leaf not in node:
-      raise KeyError(f"unknown config field {key!r} (from override {item!r})")
+      raise UnknownField(key, _fields(cfg), f"from override {item!r}")
     old = node[leaf]
     new = _parse_value(value)
     if isinstance(old, str) and not isinstance(new, str):
       new = value
     if isinstance(old, float) and isinstance(new, int) and not isinstance(new, bool):
       new = float(new)
-    node[leaf] = new
+    try:
+      node[leaf] = new
+    except TypeError as e:
+      raise ConfigError(f"--config.{key}={value}: {e}") from None
   return cfg
 
 
@@ -162,13 +176,13 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
   """Loads ``path/to/config.py[:arg]``, applies overrides and locks the result."""
   path, _, arg = spec.partition(":")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"config file {path!r} does not exist")
+    raise ConfigError(f"config file {path!r} does not exist")
   mod_spec = importlib.util.spec_from_file_location(
       "mmjax_config_" + os.path.basename(path)[:-3], path)
   module = importlib.util.module_from_spec(mod_spec)
   mod_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
-    raise AttributeError(f"config file {path!r} has no get_config(arg)")
+    raise ConfigError(f"config file {path!r} has no get_config(arg)")
   cfg = module.get_config(arg or None)
   cfg.lock()
   apply_overrides(cfg, overrides)

@@ -9,8 +9,7 @@ import jax.numpy as jnp
 
 from mmjax.interop import load_hf, save_hf
 
-from test_models_llada import IDS, MASK, POS, bidirectional_mask
-from test_models_qwen2 import tiny_qwen2
+from reference_models import IDS, MASK, POS, bidirectional_mask, tiny_qwen2
 
 
 def test_dream_matches_bidirectional_qwen2_shifted(tmp_path):

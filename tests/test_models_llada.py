@@ -15,20 +15,13 @@ import jax.numpy as jnp
 
 from mmjax.interop import load_hf, save_hf
 
-IDS = np.array([[3, 4, 5, 6, 7, 8], [0, 0, 9, 10, 11, 12]])
-MASK = np.array([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
-POS = np.clip(MASK.cumsum(-1) - 1, 0, None)
+from reference_models import IDS, MASK, POS, bidirectional_mask
+
 
 RENAME = {"self_attn.q_proj": "q_proj", "self_attn.k_proj": "k_proj",
           "self_attn.v_proj": "v_proj", "self_attn.o_proj": "attn_out",
           "mlp.gate_proj": "ff_proj", "mlp.up_proj": "up_proj", "mlp.down_proj": "ff_out",
           "input_layernorm": "attn_norm", "post_attention_layernorm": "ff_norm"}
-
-
-def bidirectional_mask(mask):
-  """Additive ``[b, 1, s, s]`` mask hiding only padded keys (no causal part)."""
-  keep = torch.tensor(mask, dtype=torch.bool)[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
-  return torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
 
 
 def llama_as_llada(path, seed=0):

@@ -13,38 +13,7 @@ import jax.numpy as jnp
 from mmjax.interop import load_hf, save_hf
 from mmjax.models.lm import greedy_generate
 
-IDS = np.array([[3, 4, 5, 6, 7, 8], [0, 0, 9, 10, 11, 12]])      # row 1 left padded
-MASK = np.array([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
-POS = np.clip(MASK.cumsum(-1) - 1, 0, None)                      # generate's convention
-
-
-def tiny_qwen2(path, tie: bool, seed: int = 0, **kw):
-  """Saves a random Qwen2ForCausalLM (GQA 4/2 heads, biases) to ``path``; returns it."""
-  torch.manual_seed(seed)
-  cfg = transformers.Qwen2Config(
-      vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
-      rope_parameters={"rope_type": "default", "rope_theta": 1000.0}, rms_norm_eps=1e-5, **kw)
-  model = transformers.Qwen2ForCausalLM(cfg).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if not name.endswith("layernorm.weight") and not name.endswith("norm.weight"):
-        p.normal_(0.0, 0.2)
-  model.save_pretrained(path)
-  return model
-
-
-def torch_logits(model, ids=IDS, mask=MASK, pos=POS):
-  with torch.no_grad():
-    return model(torch.tensor(ids), attention_mask=torch.tensor(mask),
-                 position_ids=torch.tensor(pos)).logits.numpy()
-
-
-def max_diff(ours, ref, mask=MASK):
-  """Max |diff| over real (non-pad) positions."""
-  d = np.abs(np.asarray(ours) - ref)
-  return float(d[np.asarray(mask, bool)].max())
-
+from reference_models import IDS, MASK, POS, max_diff, tiny_qwen2, torch_logits
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_logits_match_transformers(tmp_path, tie):

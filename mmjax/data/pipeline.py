@@ -62,7 +62,7 @@ def make_source(data_cfg, seed: int):
   kind = data_cfg.source
   if kind == "shapes":
     from mmjax.data.shapes import ShapesSource  # pylint: disable=import-outside-toplevel
-    categories = data_cfg.get("categories", None) or None
+    categories = data_cfg.categories or None
     if isinstance(categories, str):
       categories = tuple(c.strip() for c in categories.split(",") if c.strip())
     return ShapesSource(seed=seed, resolution=data_cfg.resolution, categories=categories)

@@ -28,10 +28,10 @@ from mmjax.config import MESH_AXES
 
 
 def _field(mesh_cfg: Any, name: str, default: int = 1) -> int:
-  if isinstance(mesh_cfg, Mapping):
+  if isinstance(mesh_cfg, Mapping):   # a plain dict may leave sizes out (default 1)
     value = mesh_cfg.get(name, default)
-  else:
-    value = getattr(mesh_cfg, name, default)
+  else:                               # a config defines every field (mmjax.config)
+    value = getattr(mesh_cfg, name)
   if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
     raise TypeError(f"mesh.{name} must be an int, got {value!r}")
   value = int(value)

@@ -36,7 +36,7 @@ from mmjax import parallel
 from mmjax.errors import NoCheckpoint
 from mmjax.data.pipeline import make_iterator
 from mmjax.train import flops as flops_lib
-from mmjax.train.checkpoint import Checkpointer
+from mmjax.train.checkpoint import Checkpointer, step_dirs
 from mmjax.train.metrics import MetricsWriter, read_jsonl
 from mmjax.train.state import TrainState, abstract_train_state, create_train_state
 from mmjax.train.step import build_train_step
@@ -261,6 +261,9 @@ def restore_params(config: Any, workdir: str, system: Any) -> tuple[Any, int]:
   ``optim.ema_decay`` set, the EMA parameters (what sampling and evaluation use)."""
   mesh = parallel.make_mesh(config.mesh)
   rules = parallel.logical_rules(config)
+  if not step_dirs(workdir):  # before Orbax starts its background work on the directory
+    raise NoCheckpoint(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; "
+                       "train first (--mode train)")
   abstract, _, optimizer = abstract_train_state(system, config, mesh, rules)
   ckpt = Checkpointer(workdir, config)
   try:
