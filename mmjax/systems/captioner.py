@@ -23,6 +23,7 @@ from mmjax import core
 from mmjax.data import image as image_ops, tokenizer as tok_lib
 from mmjax.data import BadRecord
 from mmjax.systems.base import System
+from mmjax.train import flops as fl
 
 
 def patchify(images, patch: int):
@@ -131,14 +132,15 @@ class Captioner(System):
     return loss, {"token_accuracy": acc}
 
   def flops_per_step(self, batch_size):
-    """6 N per token for the matmuls plus the attention score/value products (fwd + bwd)."""
-    c = self.tcfg
+    """``mmjax.train.flops``: the stack and the tied output head train (3 passes); the
+    patch embedding needs no gradient for its input (2: forward + weights)."""
+    c, b = self.tcfg, batch_size
     s = self.num_patches + self.max_len
-    per_layer = (2 * c.d_model * c.head_dim * (c.num_heads + 2 * c.num_kv_heads)
-                 + c.num_heads * c.head_dim * c.d_model + 3 * c.d_model * c.mlp_dim)
-    dense = c.num_layers * per_layer + self.vocab_size * c.d_model
-    attn = c.num_layers * 2 * c.num_heads * c.head_dim * s  # q.k and p.v per token
-    return float(batch_size * s * 6 * (dense + attn))
+    patch = fl.dense_macs(b * self.num_patches, self.config.model.patch_size ** 2 * 3,
+                          c.d_model)
+    head = fl.dense_macs(b * self.max_len, c.d_model, self.vocab_size)
+    return (fl.flops(fl.stack_macs(c, b * s, s) + head, fl.TRAINED)
+            + fl.flops(patch, fl.THROUGH))
 
   # -- sampling -----------------------------------------------------------------------------
   def generate(self, params, images):
