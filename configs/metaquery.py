@@ -18,16 +18,19 @@ trains in minutes, then writes samples and ShapesEval of step 0 vs trained:
 
   python launch/tpu.py --config configs/metaquery.py:demo --workdir /tmp/mq
 
-Image tasks (``model.task``; mmjax/systems/metaquery_tasks.py): ``:reconstruct``, ``:edit``,
+Image tasks (``model.task``; mmjax/systems/metaquery/tasks.py): ``:reconstruct``, ``:edit``,
 ``:instruct`` are MetaQuery-B's later stages (image(s) through the MLLM's vision tower,
-three-way CFG at sampling); ``:demo_reconstruct``, ``:demo_edit``, ``:demo_instruct`` are the
-CPU demo with a tiny random LLaVA-OneVision and shapes-world task data
-(mmjax/data/shapes_tasks.py: recolour / move / remove edits, compositions of objects picked
-from 1..3 source images):
+three-way CFG at sampling); ``:demo_reconstruct``, ``:demo_edit``, ``:demo_instruct`` (also
+written ``:demo,edit`` or ``:edit,demo``) are the CPU demo with a tiny random LLaVA-OneVision
+and shapes-world task data (mmjax/data/shapes_tasks.py: recolour / move / remove edits,
+compositions of objects picked from 1..3 source images):
 
   python launch/tpu.py --config configs/metaquery.py:demo_edit --workdir /tmp/mq_edit
   python launch/tpu.py --config configs/metaquery.py:demo_edit --workdir /tmp/mq_edit \
       --mode sample        # samples/metaquery_edit.png: sources | generated | target
+
+Presets combine with commas (``configs/metaquery.py:a,b``): at most one task
+(reconstruct | edit | instruct), with or without ``demo``; ``demo_<task>`` = ``demo,<task>``.
 
 Compile-only pod check (no checkpoints needed):
 
@@ -35,6 +38,10 @@ Compile-only pod check (no checkpoints needed):
       --config.model.init=random --config.mesh.fsdp=-1 --config.mesh.data=1
 """
 from mmjax.config import base_config
+from mmjax.errors import ConfigError, parse_presets
+
+TASK_PRESETS = ("reconstruct", "edit", "instruct")
+PRESETS = ("demo",) + TASK_PRESETS + tuple(f"demo_{t}" for t in TASK_PRESETS)
 
 # LLaVA-OneVision-0.5B (llava-hf/llava-onevision-qwen2-0.5b-ov-hf config.json, abridged):
 # SigLIP-so400m tower cut at its last layer, Qwen2-0.5B, hidden 896. With ``mllm.path`` set,
@@ -90,10 +97,11 @@ def get_config(arg=None):
       query_init_std=0.02,     # queries and markers start N(0, std)
       cond_dropout=0.1,        # caption -> "" (the empty prompt) for CFG; image tasks: image
                                # -> black (reconstruct, edit), instruct: 10% each of text /
-                               # both / images dropped (mmjax/systems/metaquery_tasks.py)
+                               # both / images dropped (mmjax/systems/metaquery/tasks.py)
       task="t2i",              # t2i | reconstruct | edit | instruct (input images: needs the
                                # llava_onevision MLLM; selects preprocessing, dropout, sampling)
       max_images=1,            # instruct: image slots per example (static; reconstruct/edit: 1)
+      min_images=2,            # shapes-world instruct data: fewest source images (spec: 2..6)
       image_views="anyres",    # input images: anyres (LLaVA-OV processor on the 384 crop:
                                # 2 views, 1485 tokens) | single (base view: 730 tokens)
   )
@@ -133,7 +141,6 @@ def get_config(arg=None):
   )
   c.data.resolution = 512
   c.data.batch_size = 4096
-  c.data.min_images = 2          # shapes-world instruct: fewest source images (spec: 2..6)
   c.optim.lr = 1e-4
   c.optim.end_lr_ratio = 0.1     # -> 1e-5
   c.optim.warmup_steps = 5000
@@ -142,49 +149,63 @@ def get_config(arg=None):
   c.optim.weight_decay = 0.1
   c.optim.clip_norm = 0.5
 
-  if arg in ("reconstruct", "edit", "instruct"):
-    _paper_task(c, arg)
-  elif arg in ("demo_reconstruct", "demo_edit", "demo_instruct"):
-    c = get_config("demo")
-    _demo_task(c, arg[len("demo_"):])
-  elif arg == "demo":
-    c.total_steps = 1200
-    c.log_every = 25
-    c.checkpoint_every = 600
-    c.dtype = "float32"
-    c.remat_policy = "none"
-    c.scan_layers = False        # XLA:CPU runs the backward of scanned stacks slowly
-    c.model.update(init="random", num_queries=16, prompt_len=8, caption_tokens=6,
-                   connector_layers=2, connector_head_dim=32)
-    # The frozen "MLLM": a random-init 2-layer Qwen2 over the shapes-world word tokenizer
-    # (text-to-image only needs the text side). Its init std (0.3) makes it a more
-    # caption-sensitive random feature map than the usual 0.02.
-    c.mllm.update(family="qwen2", prompt="plain", hf_config=dict(
-        model_type="qwen2", vocab_size=64, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True,
-        initializer_range=0.3))
-    # 32px pixels as 8x8x48 "latents" (no autoencoder); a 4-block Sana DiT at width 64 with
-    # its optional sin-cos position table (a tiny DiT learns layouts much faster with it).
-    c.decoder.update(autoencoder="pixels", pixel_patch=4, dit=dict(
-        in_channels=48, out_channels=48, num_attention_heads=2, attention_head_dim=32,
-        num_layers=4, num_cross_attention_heads=2, cross_attention_head_dim=32,
-        cross_attention_dim=64, caption_channels=64, mlp_ratio=2.5, sample_size=8,
-        interpolation_scale=1.0))
-    c.flow.sigma_sampler = "logit_normal"   # SD3's density: faster than uniform on CPU budgets
-    c.sample.update(num_steps=20, flow_shift=1.0, guidance=3.0, num_images=32)
-    c.eval.update(num_images=128)
-    c.data.resolution = 32
-    c.data.batch_size = 32
-    c.data.categories = "single_object,colors"
-    c.optim.lr = 2e-3
-    c.optim.warmup_steps = 100
-    c.optim.weight_decay = 0.01
-  elif arg not in (None, ""):
-    raise ValueError(f"unknown preset {arg!r} for configs/metaquery.py (known: demo, "
-                     f"reconstruct, edit, instruct, demo_reconstruct, demo_edit, "
-                     f"demo_instruct)")
+  demo, task = _presets(arg)
+  if demo:
+    _demo(c)
+  if task:
+    (_demo_task if demo else _paper_task)(c, task)
   return c
+
+
+def _presets(arg):
+  """``(demo, task)`` of the comma-separated presets: ``demo_<task>`` is ``demo,<task>``;
+  at most one task."""
+  names = []
+  for p in parse_presets(arg, PRESETS, "configs/metaquery.py"):
+    names += ["demo", p[len("demo_"):]] if p.startswith("demo_") else [p]
+  if len(set(names)) != len(names):
+    raise ConfigError(f"presets {arg!r} for configs/metaquery.py name 'demo' twice")
+  tasks = [p for p in names if p in TASK_PRESETS]
+  if len(tasks) > 1:
+    raise ConfigError(f"presets {arg!r} for configs/metaquery.py name {len(tasks)} tasks "
+                      f"({', '.join(tasks)}); a run has one")
+  return "demo" in names, (tasks[0] if tasks else None)
+
+
+def _demo(c):
+  """The CPU demo: a tiny random-init text MLLM, a 4-block DiT on 32px pixels, shapes world."""
+  c.total_steps = 1200
+  c.log_every = 25
+  c.checkpoint_every = 600
+  c.dtype = "float32"
+  c.remat_policy = "none"
+  c.scan_layers = False        # XLA:CPU runs the backward of scanned stacks slowly
+  c.model.update(init="random", num_queries=16, prompt_len=8, caption_tokens=6,
+                 connector_layers=2, connector_head_dim=32)
+  # The frozen "MLLM": a random-init 2-layer Qwen2 over the shapes-world word tokenizer
+  # (text-to-image only needs the text side). Its init std (0.3) makes it a more
+  # caption-sensitive random feature map than the usual 0.02.
+  c.mllm.update(family="qwen2", prompt="plain", hf_config=dict(
+      model_type="qwen2", vocab_size=64, hidden_size=64, intermediate_size=128,
+      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+      rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True,
+      initializer_range=0.3))
+  # 32px pixels as 8x8x48 "latents" (no autoencoder); a 4-block Sana DiT at width 64 with
+  # its optional sin-cos position table (a tiny DiT learns layouts much faster with it).
+  c.decoder.update(autoencoder="pixels", pixel_patch=4, dit=dict(
+      in_channels=48, out_channels=48, num_attention_heads=2, attention_head_dim=32,
+      num_layers=4, num_cross_attention_heads=2, cross_attention_head_dim=32,
+      cross_attention_dim=64, caption_channels=64, mlp_ratio=2.5, sample_size=8,
+      interpolation_scale=1.0))
+  c.flow.sigma_sampler = "logit_normal"   # SD3's density: faster than uniform on CPU budgets
+  c.sample.update(num_steps=20, flow_shift=1.0, guidance=3.0, num_images=32)
+  c.eval.update(num_images=128)
+  c.data.resolution = 32
+  c.data.batch_size = 32
+  c.data.categories = "single_object,colors"
+  c.optim.lr = 2e-3
+  c.optim.warmup_steps = 100
+  c.optim.weight_decay = 0.01
 
 
 # Image tokens per input image of LLaVA-OneVision-0.5B on MetaQuery's 384x384 crop (anyres:
@@ -205,7 +226,7 @@ def _paper_task(c, task):
   c.model.max_images = images
   c.model.prompt_len = -(-(text + images * LLAVA_OV_IMAGE_TOKENS) // 64) * 64
   if task == "instruct":
-    c.data.min_images = 2
+    c.model.min_images = 2
     c.total_steps = 10 * 2_400_000 // 4096
     c.optim.lr = 5e-5
     c.optim.end_lr_ratio = 1e-6 / 5e-5            # -> 1e-6
@@ -237,5 +258,5 @@ def _demo_task(c, task):
     c.data.categories = "single_object,two_object,colors"
   else:
     c.model.update(prompt_len=72, caption_tokens=16, max_images=3)
-    c.data.min_images = 1
+    c.model.min_images = 1
   c.sample.image_guidance = 1.5

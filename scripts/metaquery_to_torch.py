@@ -2,7 +2,7 @@
 
 Needs torch and safetensors; diffusers for the DiT, transformers for running the MLLM.
 The export (``python launch/tpu.py --config ... --mode export``, or
-``mmjax.systems.metaquery_export.export``) holds ``bridge/`` (queries, markers, connector
+``mmjax.systems.metaquery.export.export``) holds ``bridge/`` (queries, markers, connector
 + config.json), ``transformer/`` (diffusers) and possibly ``vae/`` and ``mllm/``.
 
     import sys; sys.path.insert(0, "scripts")

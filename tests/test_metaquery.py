@@ -1,6 +1,6 @@
 """MetaQuery's bridge: the prompt layout (left padding, causal queries, post-norm states), the
-connector as the spec states it, and the paper config (shapes, missing checkpoints named,
-pretrained weights loaded). Training: test_metaquery_train.py; sampling:
+connector as the spec states it, the paper config (shapes, missing checkpoints named,
+pretrained weights loaded) and its presets. Training: test_metaquery_train.py; sampling:
 test_metaquery_sampling.py."""
 import math
 import os
@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 
 from mmjax import config as mcfg
-from mmjax.systems import metaquery as mq
-from mmjax.systems.base import get_system
+from mmjax.errors import ConfigError, MissingCheckpoint, UnknownPreset
+from mmjax.models.lm import DecoderLM
+from mmjax.systems.metaquery.bridge import Connector, ConnectorConfig, MetaQueryModel
+from mmjax.systems.metaquery.prompt import PromptFormat
+from mmjax.systems.metaquery.system import MetaQuery
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "metaquery.py")
@@ -24,15 +27,16 @@ TINY = ["--config.model.num_queries=4", "--config.model.prompt_len=8",
         "--config.mllm.hf_config.num_hidden_layers=1",
         "--config.mllm.hf_config.hidden_size=32", "--config.mllm.hf_config.intermediate_size=64",
         "--config.decoder.dit.num_layers=1", "--config.decoder.dit.num_attention_heads=1",
-        "--config.decoder.dit.num_cross_attention_heads=1", "--config.decoder.dit.caption_channels=24",
-        "--config.decoder.dit.attention_head_dim=32", "--config.decoder.dit.cross_attention_head_dim=32",
+        "--config.decoder.dit.num_cross_attention_heads=1",
+        "--config.decoder.dit.caption_channels=24", "--config.decoder.dit.attention_head_dim=32",
+        "--config.decoder.dit.cross_attention_head_dim=32",
         "--config.decoder.dit.cross_attention_dim=32",
         "--config.data.resolution=16", "--config.data.batch_size=8",
         "--config.sample.num_steps=3", "--config.scan_layers=False"]
 
 
 def tiny(*overrides):
-  return get_system(mcfg.load(CONFIG + ":demo", TINY + list(overrides)))
+  return MetaQuery(mcfg.load(CONFIG + ":demo", TINY + list(overrides)))
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +50,9 @@ def params(system):
 
 
 def _states(system, params, captions, prompt_len=None):
-  prompts = system.prompts if prompt_len is None else mq.PromptFormat("plain", prompt_len, 6)
+  prompts = system.prompts if prompt_len is None else PromptFormat("plain", prompt_len, 6)
   ids, mask = prompts.encode_batch(captions)
-  fn = jax.jit(lambda p, i, m: system.apply(p, i, m, method=mq.MetaQueryModel.query_states))
+  fn = jax.jit(lambda p, i, m: system.apply(p, i, m, method=MetaQueryModel.query_states))
   return np.asarray(fn(params, ids, mask))
 
 
@@ -66,14 +70,14 @@ def test_prompt_is_left_padded_with_markers_after_it(system):
 def test_query_states_are_post_norm_hidden_states_of_the_unpadded_sequence(system, params):
   """Built by hand: [<bos> caption, begin, queries, end, <eos>] through the plain MLLM
   without padding; final-norm output at the query positions."""
-  lm = mq.DecoderLM(system.mllm_cfg)
+  lm = DecoderLM(system.mllm_cfg)
   ids = np.asarray(system.prompts._head + system.prompts._encode("a blue square"))
   p = params["mllm"]
   emb = p["embed_tokens"]["embedding"]
   x = jnp.concatenate([emb[ids], params["markers"][:1], params["queries"],
                        params["markers"][1:], emb[system.prompts.suffix_ids]])[None]
   h = jax.jit(lambda p, x: lm.apply({"params": p}, inputs_embeds=x,
-                                    method=mq.DecoderLM.features))(p, x)
+                                    method=DecoderLM.features))(p, x)
   want = np.asarray(h[0, len(ids) + 1:len(ids) + 1 + 4])
   got = _states(system, params, ["a blue square"])[0]
   np.testing.assert_allclose(got, want, atol=1e-5)
@@ -88,7 +92,7 @@ def test_queries_are_causal_and_receive_gradients_through_the_frozen_mllm(system
 
   def state(queries, i):
     p = {**params, "queries": queries}
-    return system.apply(p, ids, mask, method=mq.MetaQueryModel.query_states)[0, i].sum()
+    return system.apply(p, ids, mask, method=MetaQueryModel.query_states)[0, i].sum()
 
   grad = jax.jit(jax.grad(state), static_argnums=1)
   for i in range(4):
@@ -101,8 +105,8 @@ def test_queries_are_causal_and_receive_gradients_through_the_frozen_mllm(system
 
 # ----------------------------------------------------------------------------- connector
 def test_connector_is_the_spec_enc_proj():
-  cfg = mq.ConnectorConfig(kind="enc_proj", in_dim=64, out_dim=48, num_layers=2, head_dim=16)
-  conn = mq.Connector(cfg)
+  cfg = ConnectorConfig(kind="enc_proj", in_dim=64, out_dim=48, num_layers=2, head_dim=16)
+  conn = Connector(cfg)
   x = jax.random.normal(jax.random.key(0), (2, 5, 64))
   p = nn.unbox(jax.jit(conn.init)(jax.random.key(1), x)["params"])
   np.testing.assert_allclose(p["out_norm"]["scale"], math.sqrt(5.5), rtol=1e-6)
@@ -127,25 +131,37 @@ def test_connector_is_the_spec_enc_proj():
                                               ("proj_enc", 2304, 1.9e9, 2.1e9)])
 def test_connector_parameter_counts_match_the_paper(kind, width, lo, hi):
   """Enc-Proj at D=896 ~316M; Proj-Enc at 2304 ~2.0B (24 layers, C=2304)."""
-  cfg = mq.ConnectorConfig(kind=kind, in_dim=896, out_dim=2304, num_layers=24)
-  shapes = jax.eval_shape(mq.Connector(cfg).init, jax.random.key(0),
+  cfg = ConnectorConfig(kind=kind, in_dim=896, out_dim=2304, num_layers=24)
+  shapes = jax.eval_shape(Connector(cfg).init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, 256, 896), jnp.float32))
   n = sum(math.prod(a.shape) for a in jax.tree.leaves(nn.unbox(shapes)))
   assert cfg.encoder().d_model == width and lo < n < hi, n
 
 
 # ----------------------------------------------------------------------------- paper config
-def test_paper_config_names_missing_checkpoints_and_points_to_demo():
-  with pytest.raises(SystemExit) as e:
-    get_system(mcfg.load(CONFIG))
+def test_paper_config_names_missing_checkpoints_and_points_to_demo(tmp_path):
+  with pytest.raises(MissingCheckpoint) as e:
+    MetaQuery(mcfg.load(CONFIG))
   msg = str(e.value)
   for name in ("mllm.path", "decoder.dit_path", "decoder.ae_path", "configs/metaquery.py:demo"):
     assert name in msg
+  assert set(e.value.missing) == {"mllm.path", "decoder.dit_path", "decoder.ae_path"}
+  # a directory without config.json is missing too, and named with its path; the pixel
+  # decoder needs no autoencoder checkpoint
+  (tmp_path / "mllm").mkdir()
+  (tmp_path / "mllm" / "config.json").write_text("{}")
+  with pytest.raises(MissingCheckpoint) as e:
+    MetaQuery(mcfg.load(CONFIG, [f"--config.mllm.path={tmp_path / 'mllm'}",
+                                 f"--config.decoder.dit_path={tmp_path}",
+                                 "--config.decoder.autoencoder=pixels"]))
+  assert e.value.missing == {"decoder.dit_path": str(tmp_path)} and str(tmp_path) in str(e.value)
+  with pytest.raises(ConfigError, match="model.init"):
+    MetaQuery(mcfg.load(CONFIG, ["--config.model.init=pretrianed"]))
 
 
 def test_paper_config_shapes():
   """MetaQuery-B, abstractly: 256 queries at 896, ~316M connector, Sana-1.6B, frozen LM."""
-  system = get_system(mcfg.load(CONFIG, ["--config.model.init=random"]))
+  system = MetaQuery(mcfg.load(CONFIG, ["--config.model.init=random"]))
   shapes = jax.eval_shape(system.init, jax.random.key(0), system.dummy_batch(1))["params"]
   count = {k: sum(math.prod(a.shape) for a in jax.tree.leaves(nn.unbox(v)))
            for k, v in shapes.items()}
@@ -166,7 +182,7 @@ def test_pretrained_init_loads_the_checkpoints(tmp_path):
   from mmjax.interop.diffusers_io import save_diffusers
   src = tiny()
   p = jax.device_get(src.init_params(jax.random.PRNGKey(7)))
-  save_hf(mq.DecoderLM(src.mllm_cfg), p["mllm"], str(tmp_path / "mllm"))
+  save_hf(DecoderLM(src.mllm_cfg), p["mllm"], str(tmp_path / "mllm"))
   save_diffusers(src.dit_cfg, p["dit"], str(tmp_path / "dit"))
   system = tiny("--config.model.init=pretrained", f"--config.mllm.path={tmp_path / 'mllm'}",
                 f"--config.decoder.dit_path={tmp_path / 'dit'}")
@@ -175,3 +191,20 @@ def test_pretrained_init_loads_the_checkpoints(tmp_path):
     for a, b in zip(jax.tree.leaves(p[group]), jax.tree.leaves(loaded[group])):
       np.testing.assert_array_equal(a, b)
   assert not np.array_equal(p["queries"], loaded["queries"])   # the bridge starts fresh
+
+
+# ----------------------------------------------------------------------------- presets
+def test_presets_combine_with_commas():
+  """``demo,<task>`` in any order is ``demo_<task>``: the CPU demo's model with the task's
+  inputs; a task alone is the paper stage; unknown, repeated or two tasks are refused."""
+  demo_edit = mcfg.load(CONFIG + ":demo_edit")
+  for spec in ("demo,edit", "edit,demo"):
+    assert mcfg.load(f"{CONFIG}:{spec}").to_dict() == demo_edit.to_dict()
+  demo, edit = mcfg.load(CONFIG + ":demo"), mcfg.load(CONFIG + ":edit")
+  assert demo_edit.model.task == edit.model.task == "edit" and demo.model.task == "t2i"
+  assert demo_edit.data.resolution == demo.data.resolution < edit.data.resolution
+  with pytest.raises(UnknownPreset, match="did you mean 'demo'"):
+    mcfg.load(CONFIG + ":dmeo")
+  for bad in ("edit,instruct", "demo_edit,instruct", "demo,demo_edit"):
+    with pytest.raises(ConfigError):
+      mcfg.load(f"{CONFIG}:{bad}")

@@ -13,9 +13,30 @@ import numpy as np
 import pytest
 import torch
 
-from mmjax.systems import metaquery as mq
-from mmjax.systems.metaquery_export import export
-from test_metaquery import ROOT, tiny
+from mmjax import config as mcfg
+from mmjax.systems.metaquery.bridge import MetaQueryModel
+from mmjax.systems.metaquery.export import export
+from mmjax.systems.metaquery.system import MetaQuery
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "metaquery.py")
+# a very small bridge (as test_metaquery.py's): 1-layer MLLM, 4 queries, 1-layer connector,
+# 1-block DiT at 16px
+TINY = ["--config.model.num_queries=4", "--config.model.prompt_len=8",
+        "--config.model.connector_layers=1", "--config.model.connector_head_dim=16",
+        "--config.mllm.hf_config.num_hidden_layers=1",
+        "--config.mllm.hf_config.hidden_size=32", "--config.mllm.hf_config.intermediate_size=64",
+        "--config.decoder.dit.num_layers=1", "--config.decoder.dit.num_attention_heads=1",
+        "--config.decoder.dit.num_cross_attention_heads=1",
+        "--config.decoder.dit.caption_channels=24", "--config.decoder.dit.attention_head_dim=32",
+        "--config.decoder.dit.cross_attention_head_dim=32",
+        "--config.decoder.dit.cross_attention_dim=32",
+        "--config.data.resolution=16", "--config.data.batch_size=8",
+        "--config.sample.num_steps=3", "--config.scan_layers=False"]
+
+
+def tiny(*overrides):
+  return MetaQuery(mcfg.load(CONFIG + ":demo", TINY + list(overrides)))
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import metaquery_to_torch as mqt  # noqa: E402
@@ -97,7 +118,7 @@ def test_diffusers_dit_matches_our_velocity(exported):
   x = rng.standard_normal((2,) + system.latent_shape, dtype=np.float32)     # NHWC
   t = np.array([873.0, 12.5], np.float32)
   cond = rng.standard_normal((2, 4, 48), dtype=np.float32)
-  ours = np.asarray(jax.jit(lambda p, *a: system.apply(p, *a, method=mq.MetaQueryModel.velocity))(
+  ours = np.asarray(jax.jit(lambda p, *a: system.apply(p, *a, method=MetaQueryModel.velocity))(
       params, jnp.asarray(x), jnp.asarray(t), jnp.asarray(cond)))
   with torch.no_grad():
     theirs = model(torch.tensor(x).permute(0, 3, 1, 2), encoder_hidden_states=torch.tensor(cond),
@@ -124,7 +145,7 @@ def test_torch_prompt_to_condition_with_the_exported_mllm(exported):
   np.testing.assert_array_equal(ids.numpy(), o_ids)
   np.testing.assert_array_equal(mask.numpy(), o_mask)
   ours = np.asarray(jax.jit(lambda p, i, m: system.apply(p, i, m,
-                                                         method=mq.MetaQueryModel.condition))(
+                                                         method=MetaQueryModel.condition))(
       params, o_ids, o_mask))
   with torch.no_grad():
     theirs = bridge.condition_from_hidden(bridge.query_states(lm, ids, mask)).numpy()
@@ -136,13 +157,11 @@ def test_torch_prompt_to_condition_with_the_exported_mllm(exported):
 def test_launcher_export_mode_from_a_checkpoint(tmp_path):
   """``launch/tpu.py --mode export`` on a checkpoint (random params written as step 7)."""
   import importlib.util
-  from mmjax import config as mcfg, parallel
-  from mmjax.systems.base import get_system
+  from mmjax import parallel
   from mmjax.train.checkpoint import Checkpointer
   from mmjax.train.state import TrainState, abstract_train_state
-  from test_metaquery import CONFIG, TINY
   cfg = mcfg.load(CONFIG + ":demo", TINY)
-  system = get_system(cfg)
+  system = MetaQuery(cfg)
   abstract, _, _ = abstract_train_state(system, cfg, parallel.make_mesh(cfg.mesh),
                                         parallel.logical_rules(cfg))
   params = random_params(system, seed=3, shapes=abstract.params)
@@ -168,9 +187,6 @@ def test_dc_ae_run_exports_the_vae(tmp_path):
   """decoder.autoencoder=dc_ae: vae/ loads in diffusers and decodes our latents as
   ``decode_latents`` does (latents / scaling_factor)."""
   from diffusers import AutoencoderDC
-  from mmjax import config as mcfg
-  from mmjax.systems.base import get_system
-  from test_metaquery import CONFIG, TINY
   cfg = mcfg.load(CONFIG + ":demo", TINY + ["--config.decoder.autoencoder=dc_ae",
                                             "--config.decoder.dit.in_channels=4",
                                             "--config.decoder.dit.out_channels=4"])
@@ -183,17 +199,18 @@ def test_dc_ae_run_exports_the_vae(tmp_path):
         encoder_layers_per_block=[1, 1, 1], decoder_layers_per_block=[1, 1, 1],
         encoder_qkv_multiscales=[[], [5], [5]], decoder_qkv_multiscales=[[], [5], [5]],
         upsample_block_type="interpolate", downsample_block_type="Conv", scaling_factor=0.5)
-  system = get_system(cfg)
+  system = MetaQuery(cfg)
   assert system.latent_shape == (4, 4, 4)
   params = random_params(system)
   paths = export(system, params, str(tmp_path))
   assert json.load(open(os.path.join(paths["bridge"], "config.json")))["decoder"]["vae"] == "vae"
   vae = AutoencoderDC.from_pretrained(paths["vae"]).eval()
   z = np.random.default_rng(4).standard_normal((1, 4, 4, 4), dtype=np.float32)
-  ours = np.asarray(jax.jit(lambda p, z: system.apply(p, z, method=mq.MetaQueryModel.decode_latents))(
+  ours = np.asarray(jax.jit(lambda p, z: system.apply(p, z, method=MetaQueryModel.decode_latents))(
       params, jnp.asarray(z)))
   with torch.no_grad():
-    theirs = vae.decode(torch.tensor(z).permute(0, 3, 1, 2) / 0.5).sample.permute(0, 2, 3, 1).numpy()
+    theirs = vae.decode(torch.tensor(z).permute(0, 3, 1, 2) / 0.5).sample
+  theirs = theirs.permute(0, 2, 3, 1).numpy()
   diff = np.abs(theirs - ours).max()
   print(f"DC-AE decode max |diff| {diff:.2e}")
   assert diff < 1e-4

@@ -4,15 +4,15 @@ SanaTransformer2DModel step by step with the same conditions and noise; one XLA 
 import os
 
 import jax
+import jax.extend
 import numpy as np
 import pytest
 import torch
 
 from mmjax import config as mcfg
 from mmjax.interop.diffusers_io import load_diffusers
-from mmjax.systems import metaquery as mq
-from mmjax.systems.base import get_system
-from test_flow import _walk
+from mmjax.systems.metaquery.bridge import MetaQueryModel
+from mmjax.systems.metaquery.system import MetaQuery
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -24,6 +24,14 @@ DIT = dict(in_channels=48, out_channels=48, num_attention_heads=2, attention_hea
 BASE = ["--config.model.num_queries=4", "--config.model.connector_layers=1",
         "--config.model.connector_head_dim=16", "--config.mllm.hf_config.num_hidden_layers=1",
         "--config.data.resolution=16", "--config.scan_layers=False"]
+
+
+def _walk(jaxpr):
+  """Every equation of a jaxpr, sub-jaxprs (scan / while / cond bodies) included."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from _walk(sub)
 
 
 def torch_sana(path, seed=0):
@@ -40,8 +48,8 @@ def torch_sana(path, seed=0):
 
 
 def make(path, *overrides):
-  system = get_system(mcfg.load(CONFIG + ":demo", BASE + [f"--config.decoder.dit_path={path}",
-                                                          *overrides]))
+  system = MetaQuery(mcfg.load(CONFIG + ":demo", BASE + [f"--config.decoder.dit_path={path}",
+                                                         *overrides]))
   params = dict(system.init_params(jax.random.PRNGKey(0)))
   _, params["dit"] = load_diffusers(str(path), scan_layers=False)   # weights from diffusers
   return system, params
@@ -55,7 +63,7 @@ def test_sampling_loop_matches_diffusers_step_by_step(tmp_path, num_steps, shift
   captions = ["a red circle", "two blue squares"]
   ids, mask = system.prompts.encode_batch(captions)
   e_ids, e_mask = system.prompts.encode_batch(["", ""])
-  cond_fn = jax.jit(lambda i, m: system.apply(params, i, m, method=mq.MetaQueryModel.condition))
+  cond_fn = jax.jit(lambda i, m: system.apply(params, i, m, method=MetaQueryModel.condition))
   cond, uncond = np.asarray(cond_fn(ids, mask)), np.asarray(cond_fn(e_ids, e_mask))
   noise = np.random.default_rng(0).normal(size=(2,) + system.latent_shape).astype(np.float32)
   ours = np.asarray(jax.jit(system.sample_latents, static_argnums=4)(

@@ -8,6 +8,7 @@ import re
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,10 +18,12 @@ from mmjax.data import image as image_ops, shapes, shapes_tasks
 from mmjax.diffusion import solvers
 from mmjax.models import anyres
 from mmjax.models import llava_onevision as lov
-from mmjax.systems import metaquery as mq
-from mmjax.systems import metaquery_tasks as mqt
-from mmjax.systems.base import get_system
-from test_flow import _walk
+from mmjax.models.lm import DecoderLM
+from mmjax.systems.metaquery import modes
+from mmjax.systems.metaquery import tasks as mqt
+from mmjax.systems.metaquery.bridge import MetaQueryModel, depth_to_space
+from mmjax.systems.metaquery.prompt import PromptFormat
+from mmjax.systems.metaquery.system import MetaQuery
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "metaquery.py")
@@ -42,10 +45,30 @@ TINY = ["--config.model.num_queries=4", "--config.model.connector_layers=1",
         "--config.data.resolution=16", "--config.data.batch_size=4",
         "--config.sample.num_steps=2", "--config.scan_layers=False"]
 PROMPT_LEN = {"reconstruct": 8, "edit": 16, "instruct": 32}
+# LLaVA-OneVision's chat template (as the tiny checkpoints of test_models_llava_onevision.py)
+TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ '\\n' + content['text'] }}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ '\\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def _walk(jaxpr):
+  """Every equation of a jaxpr, sub-jaxprs (scan / while / cond bodies) included."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from _walk(sub)
 
 
 def tiny(task, *overrides):
-  return get_system(mcfg.load(f"{CONFIG}:demo_{task}", TINY + [
+  return MetaQuery(mcfg.load(f"{CONFIG}:demo_{task}", TINY + [
       f"--config.model.prompt_len={PROMPT_LEN[task]}"] + list(overrides)))
 
 
@@ -174,7 +197,7 @@ def test_batch_layout_per_task():
     for r, e in zip(records(task, range(8)), exs):
       ref = mqt.shapes_example(system, r["index"])             # = make_example(task, 0, ...)
       assert ref["caption"] == shapes_tasks.make_example(
-          task, 0, r["index"], 16, 16, mqt._categories(system.config), min_images=1,
+          task, 0, r["index"], 16, 16, mqt.categories_of(system.config), min_images=1,
           max_images=k)["caption"]
       n = len(ref["source_images"])
       assert e["input_valid"].tolist() == [True] * n + [False] * (k - n)
@@ -203,14 +226,13 @@ def test_chat_prompt_places_images_where_the_template_does(tmp_path):
   each becomes T placeholder ids -- what Processor.encode makes of the full chat text."""
   import tokenizers
   from tokenizers import models, pre_tokenizers
-  from test_models_llava_onevision import TEMPLATE
   words = ["<unk>", "system", "user", "assistant", "you", "describe", "the", "picture", "a"]
   tok = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, "<unk>"))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
   tok.add_special_tokens(["<|im_start|>", "<|im_end|>", "<image>", "<video>"])
   tok.save(str(tmp_path / "tokenizer.json"))
   (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": TEMPLATE}))
-  fmt = mq.PromptFormat("chat", 40, 4, str(tmp_path), system_prompt="you describe",
+  fmt = PromptFormat("chat", 40, 4, str(tmp_path), system_prompt="you describe",
                         image_tokens=3)
   proc = lov.Processor.from_dir(str(tmp_path))
   ids, mask = fmt.encode("describe the picture", 2)
@@ -242,7 +264,7 @@ def test_image_tokens_are_llava_onevision_splicing():
              system.preprocess({"image": pics[0], "source_images": pics[2:],
                                 "caption": "the square from the first image"}, None)])
   ids, mask, views = (jnp.asarray(b[k]) for k in ("prompt_ids", "prompt_mask", "input_views"))
-  qs = mq.MetaQueryModel.query_states
+  qs = MetaQueryModel.query_states
   # only what the query states use (mllm, queries, markers) is initialised
   params = nn.unbox(jax.jit(lambda r: system.model.init(r, ids, mask, views, method=qs))(
       jax.random.PRNGKey(1))["params"])
@@ -257,7 +279,7 @@ def test_image_tokens_are_llava_onevision_splicing():
 
   states, swapped, grad = ours(params)
   llava = lov.LlavaOnevision(system.mllm_cfg)
-  lm = mq.DecoderLM(system.mllm_cfg.text)
+  lm = DecoderLM(system.mllm_cfg.text)
 
   @jax.jit
   def reference(p, ids, views):
@@ -267,7 +289,7 @@ def test_image_tokens_are_llava_onevision_splicing():
     seq = jnp.concatenate([x, p["markers"][:1], p["queries"], p["markers"][1:],
                            emb[system.prompts.suffix_ids]])[None]
     h = lm.apply({"params": p["mllm"]["language_model"]}, inputs_embeds=seq,
-                 method=mq.DecoderLM.features)
+                 method=DecoderLM.features)
     return h[0, ids.shape[0] + 1:ids.shape[0] + 5]
 
   for row, n in ((0, 2), (1, 1)):
@@ -332,19 +354,19 @@ def test_three_way_cfg_is_one_program_equal_to_per_branch_steps():
   assert sorted(b["input_valid"].sum(1).tolist()) != [1, 1, 1]       # mixed image counts
   s_txt, s_img, rng = 3.0, 1.5, jax.random.key(7)
   assert (system.config.sample.guidance, system.config.sample.image_guidance) == (s_txt, s_img)
-  ours = np.asarray(mqt.generate_fn(system)(params, {k: b[k] for k in mqt._KEYS}, rng,
+  ours = np.asarray(mqt.generate_fn(system)(params, {k: b[k] for k in mqt.SAMPLE_KEYS}, rng,
                                             s_txt, s_img))
   assert ours.shape == (3, 16, 16, 3)
 
   # by hand: three conditions separately, two DPM-Solver++ steps with three DiT calls each
   cond = jax.jit(lambda i, m, v: system.apply(params, i, m, v,
-                                              method=mq.MetaQueryModel.condition))
+                                              method=MetaQueryModel.condition))
   black = -np.ones_like(b["input_views"])
   c_u = cond(b["null_ids"], b["null_mask"], black)
   c_i = cond(b["null_ids"], b["null_mask"], b["input_views"])
   c_f = cond(b["prompt_ids"], b["prompt_mask"], b["input_views"])
   vel = jax.jit(lambda x, t, c: system.apply(params, x, t, c,
-                                             method=mq.MetaQueryModel.velocity))
+                                             method=MetaQueryModel.velocity))
   sig, ts = solvers.flow_sigmas(2, system.config.sample.flow_shift)
   x = jax.random.normal(rng, (3,) + system.latent_shape, jnp.float32)
   lam = lambda s: np.log(1 - s) - np.log(s)
@@ -358,7 +380,7 @@ def test_three_way_cfg_is_one_program_equal_to_per_branch_steps():
     else:                                                       # first step: first order
       h = lam(sig[k + 1]) - lam(sig[k])
       x = (sig[k + 1] / sig[k]) * x - (1 - sig[k + 1]) * (np.exp(-h) - 1) * x0
-  want = np.asarray(mq.depth_to_space(x, system.config.decoder.pixel_patch))
+  want = np.asarray(depth_to_space(x, system.config.decoder.pixel_patch))
   np.testing.assert_allclose(ours, want, atol=2e-5)
 
   jaxpr = jax.make_jaxpr(lambda p, b, r: mqt.generate_batch(system, p, b, r))(params, b, rng)
@@ -382,7 +404,7 @@ def test_sample_and_eval_modes(tmp_path):
   grid = np.asarray(Image.open(path))
   r = 16 * 3
   assert grid.shape[0] == 3 * (r + 16 + 4) and grid.shape[1] >= 5 * (r + 4) + 12
-  raw = mqt._eval_examples(system, 3)
+  raw = modes.eval_examples(system, 3)
   target = np.asarray(Image.fromarray(raw[0]["image"]).resize((r, r), Image.NEAREST))
   x = 3 * (r + 4) + 8 + r + 4                                   # the target column
   np.testing.assert_array_equal(grid[:r, x:x + r], target)
@@ -407,7 +429,7 @@ def test_trainer_step_keeps_the_mllm_and_its_vision_tower_bitwise(task, tmp_path
       f"--config.model.prompt_len={PROMPT_LEN[task]}", "--config.total_steps=1",
       "--config.data.batch_size=8",
       "--config.log_every=1", "--config.optim.warmup_steps=0", "--config.optim.lr=1e-2"])
-  system = get_system(cfg)
+  system = MetaQuery(cfg)
   init = system_of(task)[1]           # the same config but for the schedule: the same init
   result = loop.train(cfg, str(tmp_path), system=system)
   after = jax.device_get(result.state.params)
@@ -424,10 +446,13 @@ def test_paper_instruct_preset_shapes():
   """:instruct, abstractly: 6 image slots of 1485 LLaVA-OV tokens (anyres on the 384 crop)
   in a 9280-token prompt, the SigLIP tower in the (frozen) MLLM, lr 5e-5 -> 1e-6."""
   import math
+  from mmjax.train.optim import make_schedule
   cfg = mcfg.load(f"{CONFIG}:instruct", ["--config.model.init=random"])
-  assert (cfg.optim.lr, cfg.optim.warmup_steps) == (5e-5, 2000)
-  assert math.isclose(cfg.optim.lr * cfg.optim.end_lr_ratio, 1e-6)
-  system = get_system(cfg)
+  lr = make_schedule(cfg.optim, cfg.total_steps)      # what the trainer steps with
+  assert float(lr(0)) < 1e-7 and float(lr(1000)) < float(lr(2000))        # warmup 2000
+  assert math.isclose(float(lr(2000)), 5e-5, rel_tol=1e-4)
+  assert math.isclose(float(lr(cfg.total_steps)), 1e-6, rel_tol=1e-3)
+  system = MetaQuery(cfg)
   imgs = system.images
   assert (imgs.slots, imgs.num_views, imgs.tile, imgs.tokens_per_image) == (6, 2, 384, 1485)
   batch = system.dummy_batch(1)
@@ -439,7 +464,7 @@ def test_paper_instruct_preset_shapes():
   assert 3.9e8 < n_vis < 4.2e8                       # SigLIP-so400m (26 layers)
   mask = system.trainable_mask(shapes_)
   assert not any(jax.tree.leaves(mask["mllm"]))
-  t2i = get_system(mcfg.load(CONFIG, ["--config.model.init=random"]))
+  t2i = MetaQuery(mcfg.load(CONFIG, ["--config.model.init=random"]))
   vis = imgs.vision_flops(system.mllm_cfg)          # ~2 x 400M x 729 tokens x 12 views
   assert 5e12 < vis < 1e13
   assert system.flops_per_step(1) > t2i.flops_per_step(1) + vis

@@ -1,13 +1,34 @@
 """MetaQuery training: condition dropout to the empty prompt, the frozen MLLM through the real
 trainer (bitwise unchanged, no optimizer state, counts logged), the analytic FLOPs against
 XLA's count."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mmjax import config as mcfg
-from mmjax.systems.base import get_system
-from test_metaquery import CONFIG, TINY, tiny
+from mmjax.systems.metaquery.system import MetaQuery
+
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      "metaquery.py")
+# a very small bridge (as test_metaquery.py's): 1-layer MLLM, 4 queries, 1-layer connector,
+# 1-block DiT at 16px
+TINY = ["--config.model.num_queries=4", "--config.model.prompt_len=8",
+        "--config.model.connector_layers=1", "--config.model.connector_head_dim=16",
+        "--config.mllm.hf_config.num_hidden_layers=1",
+        "--config.mllm.hf_config.hidden_size=32", "--config.mllm.hf_config.intermediate_size=64",
+        "--config.decoder.dit.num_layers=1", "--config.decoder.dit.num_attention_heads=1",
+        "--config.decoder.dit.num_cross_attention_heads=1",
+        "--config.decoder.dit.caption_channels=24", "--config.decoder.dit.attention_head_dim=32",
+        "--config.decoder.dit.cross_attention_head_dim=32",
+        "--config.decoder.dit.cross_attention_dim=32",
+        "--config.data.resolution=16", "--config.data.batch_size=8",
+        "--config.sample.num_steps=3", "--config.scan_layers=False"]
+
+
+def tiny(*overrides):
+  return MetaQuery(mcfg.load(CONFIG + ":demo", TINY + list(overrides)))
 
 
 def _params(system):
@@ -50,7 +71,7 @@ def test_trainer_keeps_the_mllm_bitwise_and_trains_the_queries(tmp_path, capsys)
   cfg = mcfg.load(CONFIG + ":demo", TINY + ["--config.total_steps=3", "--config.log_every=1",
                                             "--config.optim.warmup_steps=0",
                                             "--config.optim.lr=1e-2"])
-  system = get_system(cfg)
+  system = MetaQuery(cfg)
   init = jax.device_get(system.init_params(jax.random.PRNGKey(cfg.seed)))
   result = loop.train(cfg, str(tmp_path), system=system)
   out = capsys.readouterr().out

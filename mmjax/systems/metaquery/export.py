@@ -40,7 +40,8 @@ import numpy as np
 from mmjax.interop import hf, save_hf
 from mmjax.interop.diffusers_io import save_diffusers
 from mmjax.interop.tables import FLATTEN, IDENTITY, LINEAR, LINEAR_OUT, Family, Rule
-from mmjax.systems import metaquery as mq
+from mmjax.models import llava_onevision as lov
+from mmjax.models.lm import DecoderLM, LMConfig
 
 BRIDGE_FORMAT = "mmjax-metaquery-bridge"
 GROUPS = ("mllm", "queries", "markers", "connector", "dit")
@@ -87,7 +88,7 @@ def bridge_config(system) -> dict:
   chat = c.mllm.prompt == "chat"
   return {
       "format": BRIDGE_FORMAT, "version": 1,
-      "task": c.model.get("task", "t2i"),   # image tasks also put images in the user turn
+      "task": c.model.task,                 # image tasks also put images in the user turn
       "num_queries": int(c.model.num_queries), "hidden_size": cc.in_dim,     # D (MLLM)
       "caption_channels": cc.out_dim,                                       # C (DiT)
       "connector": {
@@ -102,7 +103,7 @@ def bridge_config(system) -> dict:
                "tokenizer_dir": c.mllm.tokenizer_dir,
                "exported": "mllm" if not c.mllm.path else None},
       "prompt": {
-          "kind": c.mllm.prompt, "system_prompt": mq.SYSTEM_PROMPT if chat else None,
+          "kind": c.mllm.prompt, "system_prompt": prompts.system_prompt if chat else None,
           "max_len": prompts.max_len, "caption_tokens": prompts.caption_tokens,
           "padding": "left", "pad_id": 0,
           "layout": ("chat template(system prompt, user: caption) + generation prompt + '\\n'"
@@ -110,8 +111,8 @@ def bridge_config(system) -> dict:
                     " | <begin_of_img> q_0 .. q_{N-1} <end_of_img> | suffix_ids",
           # prompt ids = head_ids + caption ids[:caption_tokens] + tail_ids, keeping the last
           # max_len, left padded (None: no tokenizer was configured at export)
-          "head_ids": _ids(getattr(prompts, "_head", None)),
-          "tail_ids": _ids(getattr(prompts, "_tail", None)),
+          "head_ids": _ids(prompts.head_ids),
+          "tail_ids": _ids(prompts.tail_ids),
           "suffix_ids": _ids(prompts.suffix_ids),
           "positions": "RoPE positions count real tokens from 0 (padding takes none)",
           "mask": "causal (the MLLM's own) over real tokens",
@@ -178,8 +179,8 @@ def export(system, params, out_dir: str, *, dtype=None) -> dict:
     save_diffusers(system.ae_cfg, params["vae"], out["vae"], dtype=dtype)
   if not system.config.mllm.path:
     out["mllm"] = os.path.join(out_dir, "mllm")
-    mllm = (mq.DecoderLM(system.mllm_cfg) if isinstance(system.mllm_cfg, mq.LMConfig)
-            else mq.lov.LlavaOnevision(system.mllm_cfg))
+    mllm = (DecoderLM(system.mllm_cfg) if isinstance(system.mllm_cfg, LMConfig)
+            else lov.LlavaOnevision(system.mllm_cfg))
     save_hf(mllm, params["mllm"], out["mllm"], dtype=dtype)
     if system.config.mllm.prompt == "plain" and jax.process_index() == 0:   # demo tokenizer
       system.prompts.tokenizer.tokenizer.save(os.path.join(out["mllm"], "tokenizer.json"))

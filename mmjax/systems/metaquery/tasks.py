@@ -17,7 +17,8 @@ instruct       1..K source images + instruction             u ~ U(0, 1): u < p t
 (p = ``model.cond_dropout``, 0.1.) "Black" is an all-zero RGB image of the same size (the
 reference's ``PIL.Image.new("RGB", size)``), i.e. every SigLIP-normalised view pixel -1;
 "text -> ''" keeps the image placeholders and drops the instruction (the *null prompt*).
-t2i is `mmjax.systems.metaquery` itself; this module holds what the image tasks add.
+t2i is `mmjax.systems.metaquery.system` itself; this module holds what the image tasks add
+(their sample and eval modes: `mmjax.systems.metaquery.modes`).
 
 Static shapes: every example has ``K`` image slots (``model.max_images``; 1 for reconstruct
 and edit), ``input_views [K, V, S, S, 3]`` (V views of an S x S image, the MLLM's tower
@@ -42,7 +43,8 @@ s_txt (v_full - v_img)``; ``sample.image_guidance`` 1.5, ``sample.guidance``). W
 ``s_img = 1`` this is exactly the reference's two-way ``[neg + images, prompt + images]``.
 
 Records: the shapes world (``data.source=shapes``) -- the example is derived from the
-record's index by `mmjax.data.shapes_tasks.make_example` (same seed); otherwise
+record's index by `mmjax.data.shapes_tasks.make_example` (same seed; instruct draws
+``model.min_images`` .. ``model.max_images`` source images); otherwise
 ``{'image': target, 'caption': instruction, 'source_images': [image, ...]}`` (edit also
 accepts ``'source_image'``; reconstruct needs only ``'image'``), images as encoded bytes or
 uint8 arrays.
@@ -51,33 +53,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.data import BadRecord, image as image_ops
+from mmjax.data import BadRecord, image as image_ops, shapes_tasks
 from mmjax.diffusion import solvers
+from mmjax.errors import ConfigError
 from mmjax.models import anyres
 from mmjax.models import llava_onevision as lov
+from mmjax.systems.metaquery import flops
+from mmjax.systems.metaquery.bridge import MetaQueryModel
 
 IMAGE_VIEWS = ("anyres", "single")
 SINGLE_IMAGE_TASKS = ("reconstruct", "edit")
-
-
-def plain_tokenizer():
-  """The demo's word tokenizer for image tasks: the shapes-world vocabulary plus the
-  instruction words (``shapes_tasks.EXTRA_WORDS``); ``<image>`` (id 5) is the placeholder."""
-  from mmjax.data import shapes_tasks  # pylint: disable=import-outside-toplevel
-  return shapes_tasks.task_tokenizer()
-
-
-def _model():
-  from mmjax.systems.metaquery import MetaQueryModel  # pylint: disable=import-outside-toplevel
-  return MetaQueryModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,14 +88,14 @@ class ImageInputs:
   @classmethod
   def from_config(cls, task: str, mllm_cfg, model_cfg) -> "ImageInputs":
     if not isinstance(mllm_cfg, lov.LlavaOnevisionConfig):
-      raise ValueError(f"model.task={task!r} reads images: it needs an MLLM with a vision "
-                       f"tower (mllm.family='llava_onevision')")
-    kind = model_cfg.get("image_views", "anyres")
+      raise ConfigError(f"model.task={task!r} reads images: it needs an MLLM with a vision "
+                        f"tower (mllm.family='llava_onevision')")
+    kind = model_cfg.image_views
     if kind not in IMAGE_VIEWS:
-      raise ValueError(f"model.image_views {kind!r} is not one of {IMAGE_VIEWS}")
-    slots = 1 if task in SINGLE_IMAGE_TASKS else int(model_cfg.get("max_images", 1))
+      raise ConfigError(f"model.image_views {kind!r} is not one of {IMAGE_VIEWS}")
+    slots = 1 if task in SINGLE_IMAGE_TASKS else int(model_cfg.max_images)
     if slots < 1:
-      raise ValueError(f"model.max_images must be >= 1, got {slots}")
+      raise ConfigError(f"model.max_images must be >= 1, got {slots}")
     vis = mllm_cfg.vision
     tile, grid = vis.image_size, vis.grid
     if kind == "single":
@@ -153,28 +144,25 @@ class ImageInputs:
     if prompts.tokenizer is None:
       return
     if prompts.image_token_id != mllm_cfg.image_token_id:
-      raise ValueError(f"the tokenizer's image token id {prompts.image_token_id} is not the "
-                       f"MLLM's image_token_index {mllm_cfg.image_token_id}")
+      raise ConfigError(f"the tokenizer's image token id {prompts.image_token_id} is not the "
+                        f"MLLM's image_token_index {mllm_cfg.image_token_id}")
     need = prompts.min_len(self.slots, 0 if self.task == "reconstruct" else None)
     if need > prompts.max_len:
-      raise ValueError(f"model.task={self.task!r} with {self.slots} image(s) of "
-                       f"{self.tokens_per_image} tokens needs model.prompt_len >= {need}, "
-                       f"got {prompts.max_len}")
+      raise ConfigError(f"model.task={self.task!r} with {self.slots} image(s) of "
+                        f"{self.tokens_per_image} tokens needs model.prompt_len >= {need}, "
+                        f"got {prompts.max_len}")
 
   def vision_flops(self, mllm_cfg) -> float:
     """Forward FLOPs per example of the frozen tower + projector on all K x V views (no
     backward: the image features are a ``stop_gradient``)."""
-    from mmjax.systems.metaquery import stack_flops_per_token  # pylint: disable=import-outside-toplevel
-    vis, d = self.vision, mllm_cfg.text.stack.d_model
-    n, dv = vis.num_patches, vis.stack.d_model
-    per_view = (n * stack_flops_per_token(vis.stack, n) + n * vis.patch_size ** 2 * 3 * dv
-                + n * (dv * d + d * d))
-    return float(2 * self.slots * self.num_views * per_view)
+    return flops.vision_flops(self.vision, mllm_cfg.text.stack.d_model, self.slots,
+                              self.num_views)
 
 
 # ============================================================================ data
-def _categories(config, field: str = "") -> Optional[tuple]:
-  text = field or config.data.get("categories", "")
+def categories_of(config, field: str = "") -> Optional[tuple]:
+  """The shapes-world categories of ``field`` (else ``data.categories``); None: all six."""
+  text = field or config.data.categories
   cats = tuple(c.strip() for c in text.split(",") if c.strip())
   return cats or None
 
@@ -182,11 +170,10 @@ def _categories(config, field: str = "") -> Optional[tuple]:
 def shapes_example(system, index: int, seed: Optional[int] = None,
                    categories: Optional[Sequence[str]] = None) -> dict:
   """`shapes_tasks.make_example` for this system's task, resolutions and image counts."""
-  from mmjax.data import shapes_tasks  # pylint: disable=import-outside-toplevel
   c = system.config
   return shapes_tasks.make_example(
       system.task, c.seed if seed is None else seed, index, system.resolution,
-      system.images.tile, categories or _categories(c), min_images=c.data.get("min_images", 2),
+      system.images.tile, categories or categories_of(c), min_images=c.model.min_images,
       max_images=system.images.slots)
 
 
@@ -264,11 +251,10 @@ def sample_latents(system, params, conds, noise, guidance=None, image_guidance=N
   conditions ``conds = [uncond; image only; full]`` per step, one ``lax.scan``."""
   s = system.config.sample
   s_txt = s.guidance if guidance is None else guidance
-  s_img = s.get("image_guidance", 1.5) if image_guidance is None else image_guidance
-  model = _model()
+  s_img = s.image_guidance if image_guidance is None else image_guidance
 
   def batched(x, t):
-    return system.apply(params, x, t, conds, method=model.velocity)
+    return system.apply(params, x, t, conds, method=MetaQueryModel.velocity)
 
   return solvers.dpm_solver_2m_sample(solvers.cfg_three_way(batched, s_img, s_txt), noise,
                                       system.sigmas, system.timesteps)
@@ -277,20 +263,20 @@ def sample_latents(system, params, conds, noise, guidance=None, image_guidance=N
 def generate_batch(system, params, batch, rng, guidance=None, image_guidance=None):
   """Jittable: a preprocessed batch (``prompt_ids`` ... ``input_views``) -> images float
   ``[b, R, R, 3]`` in [-1, 1]. Conditions, solver loop and decode in one program."""
-  model = _model()
   b = batch["prompt_ids"].shape[0]
-  conds = system.apply(params, *three_way_inputs(system, batch), method=model.condition)
+  conds = system.apply(params, *three_way_inputs(system, batch),
+                       method=MetaQueryModel.condition)
   noise = jax.random.normal(rng, (b,) + system.latent_shape, jnp.float32)
   z = sample_latents(system, params, conds, noise, guidance, image_guidance)
-  return system.apply(params, z, method=model.decode_latents)
+  return system.apply(params, z, method=MetaQueryModel.decode_latents)
 
 
-_KEYS = ("prompt_ids", "prompt_mask", "null_ids", "null_mask", "input_views")
+SAMPLE_KEYS = ("prompt_ids", "prompt_mask", "null_ids", "null_mask", "input_views")
 
 
 def generate_fn(system):
   """``jax.jit(generate_batch)`` for this system, compiled once per batch shape:
-  ``fn(params, {k: [b, ...] for k in _KEYS}, rng, guidance, image_guidance)``."""
+  ``fn(params, {k: [b, ...] for k in SAMPLE_KEYS}, rng, guidance, image_guidance)``."""
   fn = system.__dict__.get("_task_generate_jit")
   if fn is None:
     fn = system.__dict__["_task_generate_jit"] = jax.jit(
@@ -305,91 +291,14 @@ def generate(system, params, examples: Sequence[dict], rng, guidance=None,
   its first example). Scales default to ``sample.guidance`` / ``sample.image_guidance``."""
   s = system.config.sample
   guidance = float(s.guidance if guidance is None else guidance)
-  image_guidance = float(s.get("image_guidance", 1.5) if image_guidance is None
-                         else image_guidance)
+  image_guidance = float(s.image_guidance if image_guidance is None else image_guidance)
   gen = generate_fn(system)
   out = []
   for i in range(0, len(examples), batch):
     chunk = list(examples[i:i + batch])
     pad = batch - len(chunk) if len(examples) > batch else 0
     chunk += [chunk[0]] * pad
-    arrays = {k: np.stack([e[k] for e in chunk]) for k in _KEYS}
+    arrays = {k: np.stack([e[k] for e in chunk]) for k in SAMPLE_KEYS}
     imgs = gen(params, arrays, jax.random.fold_in(rng, i), guidance, image_guidance)
     out.append(image_ops.to_uint8(np.asarray(imgs))[:len(chunk) - pad])
   return np.concatenate(out)
-
-
-# ============================================================================ modes
-def _eval_examples(system, num: int) -> list[dict]:
-  c = system.config
-  cats = _categories(c, c.eval.get("categories", ""))
-  return [shapes_example(system, i, seed=c.seed + 10_000, categories=cats)
-          for i in range(num)]
-
-
-def task_grid(sources: Sequence[Sequence[np.ndarray]], generated, targets,
-              texts: Sequence[str], slots: int, scale: int = 3):
-  """A PIL grid, one example per row: ``slots`` source cells (grey when empty) | generated
-  | target, the instruction under the row."""
-  from PIL import Image, ImageDraw  # pylint: disable=import-outside-toplevel
-  r = generated[0].shape[0] * scale
-  gap, text_h = 4, 16
-  cols = slots + 2
-  width = max(cols * (r + gap) + 3 * gap, 6 * max(len(t) for t in texts) + 8)  # ~6 px/char
-  grid = Image.new("RGB", (width, len(generated) * (r + text_h + gap)), "white")
-  draw = ImageDraw.Draw(grid)
-  big = lambda a: Image.fromarray(np.asarray(a)).resize((r, r), Image.NEAREST)
-  for row, (srcs, gen, tgt, text) in enumerate(zip(sources, generated, targets, texts)):
-    y = row * (r + text_h + gap)
-    for k in range(slots):
-      cell = big(srcs[k]) if k < len(srcs) else Image.new("RGB", (r, r), (200, 200, 200))
-      grid.paste(cell, (k * (r + gap), y))
-    x = slots * (r + gap) + 2 * gap                       # a wider gap after the sources
-    grid.paste(big(gen), (x, y))
-    grid.paste(big(tgt), (x + r + gap, y))
-    draw.text((2, y + r + 2), text or "(no text)", fill=(0, 0, 0))
-  return grid
-
-
-def sample_mode(system, params, workdir, num=None):
-  """Shapes-world examples of the task: WORKDIR/samples/metaquery_<task>.png, one row per
-  example: source images | generated | target, the instruction below."""
-  import jax.random as jr  # pylint: disable=import-outside-toplevel
-  c = system.config
-  raw = _eval_examples(system, num or c.sample.num_images)
-  images = generate(system, params, [preprocess(system, r) for r in raw], jr.key(c.seed + 1))
-  os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-  path = os.path.join(workdir, "samples", f"metaquery_{system.task}.png")
-  task_grid([r["source_images"] for r in raw], list(images), [r["image"] for r in raw],
-            [r["caption"] for r in raw], system.images.slots).save(path)
-  print(f"samples: {path}", flush=True)
-  return path
-
-
-def eval_mode(system, params, workdir, num=None):
-  """ShapesEval of generated images against the *target* scenes, and the mean absolute
-  pixel error to the target renders, for the trained model and step 0 (same examples and
-  noise): WORKDIR/eval/shapes_eval_<task>.json."""
-  from mmjax.eval.shapes_eval import ShapesEval  # pylint: disable=import-outside-toplevel
-  c = system.config
-  raw = _eval_examples(system, num or c.eval.num_images)
-  examples = [preprocess(system, r) for r in raw]
-  targets = np.stack([r["image"] for r in raw]).astype(np.float32)
-  rng = jax.random.key(c.seed + 2)
-  result = {"task": system.task, "num_images": len(raw), "guidance": c.sample.guidance,
-            "image_guidance": c.sample.get("image_guidance", 1.5),
-            "num_steps": c.sample.num_steps}
-  step0 = system.init_params(jax.random.PRNGKey(c.seed))
-  for name, p in (("step0", step0), ("trained", params)):
-    images = generate(system, p, examples, rng)
-    scores = ShapesEval().evaluate(list(images), [r["target_scene"] for r in raw])
-    result[name] = {"per_category": scores["per_category"], "overall": scores["overall"],
-                    "pixel_mae": float(np.abs(images.astype(np.float32) - targets).mean()
-                                       / 255.0)}
-  os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-  with open(os.path.join(workdir, "eval", f"shapes_eval_{system.task}.json"), "w") as f:
-    json.dump(result, f, indent=1)
-  for k in ("step0", "trained"):
-    print(f"{k:8s} overall {result[k]['overall']:.3f}  pixel MAE {result[k]['pixel_mae']:.4f}"
-          f"  {result[k]['per_category']}", flush=True)
-  return result

@@ -1,0 +1,87 @@
+"""Analytic training FLOPs of MetaQuery (the trainer's MFU), from the model configs alone.
+
+Counts are multiply-adds x2 (forward) or x6 (forward + backward): 6 x (matmul params +
+attention) per token for what trains, 4 x for the frozen MLLM (forward + backward to its
+inputs, no weight gradients), 2 x for the frozen vision tower (its features are a
+``stop_gradient``); the frozen DC-AE encoder (forward) from XLA's cost analysis.
+
+Example::
+
+    flops = train_flops_per_example(mllm_cfg.text, conn_cfg, dit_cfg, num_queries=256,
+                                    seq_len=320 + 256 + 3, latent_shape=(16, 16, 32))
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from mmjax import core
+from mmjax.models import dc_ae, sana_dit
+
+
+def stack_flops_per_token(c: core.TransformerConfig, seq: int) -> float:
+  """Multiply-adds per token of one pass of a core stack (matmuls + attention over
+  ``seq`` keys); x2 for FLOPs of a forward, x6 for forward + backward."""
+  per_layer = (c.d_model * c.head_dim * (c.num_heads + 2 * c.num_kv_heads)
+               + c.num_heads * c.head_dim * c.d_model
+               + (3 if c.mlp_act in ("swiglu", "geglu") else 2) * c.d_model * c.mlp_dim
+               + 2 * c.num_heads * c.head_dim * seq)
+  return float(c.num_layers * per_layer)
+
+
+def dit_flops_per_sample(d: sana_dit.SanaConfig, latent_shape: tuple, ctx: int) -> float:
+  """Multiply-adds of one Sana DiT forward on one latent with ``ctx`` condition tokens."""
+  h, w, c = latent_shape
+  n = (h // d.patch_size) * (w // d.patch_size)
+  dim, hid = d.inner_dim, d.ffn_dim
+  cross = d.num_cross_attention_heads * d.cross_attention_head_dim
+  per_token = (3 * dim * dim + dim * dim                        # linear self-attn q k v, out
+               + 2 * dim * d.attention_head_dim                 # relu(k)^T v and q . kv
+               + dim * cross + cross * dim + 2 * cross * ctx    # cross q, out, scores, values
+               + dim * 2 * hid + 9 * 2 * hid + hid * dim)       # Mix-FFN
+  per_ctx = 2 * dim * cross                                     # cross k, v of the condition
+  layers = d.num_layers * (n * per_token + ctx * per_ctx)
+  io = n * (d.patch_size ** 2) * (c * dim + dim * c) + ctx * (d.caption_channels * dim
+                                                               + dim * dim)
+  return float(layers + io)
+
+
+def vision_flops(vision, d_model: int, num_images: int, num_views: int) -> float:
+  """Forward FLOPs per example of the frozen SigLIP tower (``vision``: its config) and the
+  projector to the MLLM width ``d_model`` on ``num_images x num_views`` views."""
+  n, dv = vision.num_patches, vision.stack.d_model
+  per_view = (n * stack_flops_per_token(vision.stack, n) + n * vision.patch_size ** 2 * 3 * dv
+              + n * (dv * d_model + d_model * d_model))
+  return float(2 * num_images * num_views * per_view)
+
+
+@functools.lru_cache(maxsize=4)
+def ae_encode_flops(ae_cfg: Optional[dc_ae.DCAEConfig], resolution: int) -> float:
+  """FLOPs of the DC-AE encoder on one ``resolution`` image (XLA's cost analysis); 0 without
+  an autoencoder."""
+  if ae_cfg is None:
+    return 0.0
+  ae = dc_ae.AutoencoderDC(ae_cfg)
+  img = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
+  p = jax.eval_shape(ae.init, jax.random.key(0), img)
+  cost = jax.jit(functools.partial(ae.apply, method=ae.encode)).lower(p, img).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", 0.0))
+
+
+def train_flops_per_example(text: core.TransformerConfig, conn, dit: sana_dit.SanaConfig, *,
+                            num_queries: int, seq_len: int, latent_shape: tuple,
+                            ae_flops: float = 0.0, vis_flops: float = 0.0) -> float:
+  """One example's training FLOPs: the frozen MLLM's text stack ``text`` over ``seq_len``
+  tokens (prompt, markers, queries, suffix) at 4x, the connector ``conn`` (a
+  ``bridge.ConnectorConfig``) and the DiT at 6x, plus the frozen encoders' forward FLOPs
+  ``ae_flops`` and ``vis_flops``."""
+  n, s = num_queries, seq_len
+  mllm_f = 4 * s * stack_flops_per_token(text, s)
+  conn_f = 6 * n * (stack_flops_per_token(conn.encoder(), n)
+                    + conn.in_dim * conn.out_dim + conn.out_dim ** 2)
+  dit_f = 6 * dit_flops_per_sample(dit, latent_shape, n)
+  return mllm_f + conn_f + dit_f + ae_flops + vis_flops
