@@ -45,3 +45,21 @@ def test_captioner():
   ratio = system.flops_per_step(4) / xla_grad_flops(system, 4)
   print(f"captioner analytic / XLA = {ratio:.4f}")
   assert abs(ratio - 1) < 0.05, ratio
+
+
+MQ_WIDE = ["--config.mllm.hf_config.hidden_size=256", "--config.mllm.hf_config.intermediate_size=1024",
+           "--config.model.connector_head_dim=64",
+           "--config.decoder.dit.attention_head_dim=64", "--config.decoder.dit.num_attention_heads=4",
+           "--config.decoder.dit.num_cross_attention_heads=4",
+           "--config.decoder.dit.cross_attention_head_dim=64",
+           "--config.decoder.dit.cross_attention_dim=256", "--config.decoder.dit.caption_channels=256",
+           "--config.decoder.dit.num_layers=2", "--config.scan_layers=False"]
+
+
+def test_metaquery():
+  from mmjax.systems.metaquery.system import MetaQuery
+  c = config_lib.load(os.path.join(ROOT, "configs", "metaquery.py") + ":demo", MQ_WIDE)
+  system = MetaQuery(c)
+  ratio = system.flops_per_step(4) / xla_grad_flops(system, 4)
+  print(f"metaquery analytic / XLA = {ratio:.4f}")
+  assert abs(ratio - 1) < 0.05, ratio

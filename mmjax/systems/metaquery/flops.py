@@ -1,9 +1,9 @@
 """Analytic training FLOPs of MetaQuery (the trainer's MFU), from the model configs alone.
 
-Counts are multiply-adds x2 (forward) or x6 (forward + backward): 6 x (matmul params +
-attention) per token for what trains, 4 x for the frozen MLLM (forward + backward to its
-inputs, no weight gradients), 2 x for the frozen vision tower (its features are a
-``stop_gradient``); the frozen DC-AE encoder (forward) from XLA's cost analysis.
+Counted with the one counter (``mmjax.train.flops``): what trains at ``TRAINED`` passes,
+the frozen MLLM at ``THROUGH`` (forward + backward to its inputs, no weight gradients), the
+frozen vision tower at ``FORWARD`` (its features are a ``stop_gradient``); the frozen DC-AE
+encoder (forward) from XLA's cost analysis.
 
 Example::
 
@@ -20,16 +20,13 @@ import jax.numpy as jnp
 
 from mmjax import core
 from mmjax.models import dc_ae, sana_dit
+from mmjax.train import flops as fl
 
 
 def stack_flops_per_token(c: core.TransformerConfig, seq: int) -> float:
-  """Multiply-adds per token of one pass of a core stack (matmuls + attention over
-  ``seq`` keys); x2 for FLOPs of a forward, x6 for forward + backward."""
-  per_layer = (c.d_model * c.head_dim * (c.num_heads + 2 * c.num_kv_heads)
-               + c.num_heads * c.head_dim * c.d_model
-               + (3 if c.mlp_act in ("swiglu", "geglu") else 2) * c.d_model * c.mlp_dim
-               + 2 * c.num_heads * c.head_dim * seq)
-  return float(c.num_layers * per_layer)
+  """Multiply-adds per token of one pass of a core stack over ``seq`` keys
+  (``mmjax.train.flops.stack_macs``)."""
+  return fl.stack_macs(c, 1, seq)
 
 
 def dit_flops_per_sample(d: sana_dit.SanaConfig, latent_shape: tuple, ctx: int) -> float:
@@ -55,7 +52,7 @@ def vision_flops(vision, d_model: int, num_images: int, num_views: int) -> float
   n, dv = vision.num_patches, vision.stack.d_model
   per_view = (n * stack_flops_per_token(vision.stack, n) + n * vision.patch_size ** 2 * 3 * dv
               + n * (dv * d_model + d_model * d_model))
-  return float(2 * num_images * num_views * per_view)
+  return fl.flops(num_images * num_views * per_view, fl.FORWARD)
 
 
 @functools.lru_cache(maxsize=4)
@@ -80,8 +77,9 @@ def train_flops_per_example(text: core.TransformerConfig, conn, dit: sana_dit.Sa
   ``bridge.ConnectorConfig``) and the DiT at 6x, plus the frozen encoders' forward FLOPs
   ``ae_flops`` and ``vis_flops``."""
   n, s = num_queries, seq_len
-  mllm_f = 4 * s * stack_flops_per_token(text, s)
-  conn_f = 6 * n * (stack_flops_per_token(conn.encoder(), n)
-                    + conn.in_dim * conn.out_dim + conn.out_dim ** 2)
-  dit_f = 6 * dit_flops_per_sample(dit, latent_shape, n)
+  mllm_f = fl.flops(fl.stack_macs(text, s, s), fl.THROUGH)
+  conn_f = fl.flops(fl.stack_macs(conn.encoder(), n, n)
+                    + fl.dense_macs(n, conn.in_dim, conn.out_dim)
+                    + fl.dense_macs(n, conn.out_dim, conn.out_dim), fl.TRAINED)
+  dit_f = fl.flops(dit_flops_per_sample(dit, latent_shape, n), fl.TRAINED)
   return mllm_f + conn_f + dit_f + ae_flops + vis_flops
