@@ -5,7 +5,7 @@
       --vocab 126464 --prompt 1136 --gen 256 --block 32 --batch 8 --dtype bfloat16   # LaViDa-L
 
 One process, one random-weight model size: a LLaDA ``DecoderLM`` (bidirectional, Prefix-DLM
-mask) decoded by ``diffusion.masked_sampler.generate`` at NFE 100 / 50 / 25 % (steps = gen,
+mask) decoded by ``diffusion.masked.sampler.generate`` at NFE 100 / 50 / 25 % (steps = gen,
 gen/2, gen/4) with cache none / prefix / dual, plus confidence-threshold decoding; and a
 Qwen2 ``DecoderLM`` with the same width, depth, heads, MLP and vocabulary (causal, q/k/v
 biases) decoded greedily with its KV cache (``models.lm.greedy_generate``). The prompt stands
@@ -47,7 +47,8 @@ def main(argv=None):
   import jax
   import jax.numpy as jnp
   from mmjax import core
-  from mmjax.diffusion.masked_sampler import DiffusionLM, generate
+  from mmjax.diffusion.masked.denoiser import DiffusionLM
+  from mmjax.diffusion.masked.sampler import generate
   from mmjax.models.lm import DecoderLM, LMConfig, greedy_generate
 
   dtype = jnp.dtype(args.dtype)

@@ -25,6 +25,7 @@ Compile-only pod check (no checkpoints needed):
       --config.model.init=random --config.mesh.fsdp=-1 --config.mesh.data=1
 """
 from mmjax.config import base_config
+from mmjax.errors import ConfigError, parse_presets
 
 # LLaDA-8B-Instruct config.json (abridged; with model.llm_path its own config.json is used)
 LLADA_8B = dict(
@@ -46,13 +47,10 @@ PRESETS = ("stage1", "stage2", "stage3", "dream", "demo")
 
 
 def get_config(arg=None):
-  presets = [p for p in (arg or "").split(",") if p]
-  unknown = [p for p in presets if p not in PRESETS]
-  if unknown:
-    raise ValueError(f"unknown preset(s) {unknown} for configs/lavida.py (known: {PRESETS})")
+  presets = parse_presets(arg, PRESETS, "configs/lavida.py")
   stages = [p for p in presets if p.startswith("stage")]
   if len(stages) > 1:
-    raise ValueError(f"pick one stage, got {stages}")
+    raise ConfigError(f"pick one stage preset for configs/lavida.py, got {stages}")
   stage = int(stages[0][-1]) if stages else 2
 
   c = base_config()

@@ -8,50 +8,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax import config as mcfg
 from mmjax.data import shapes
 from mmjax.models import anyres, siglip
 from mmjax.models.llava_onevision import LlavaOnevision
-from mmjax.systems import lavida_data as ld
-from mmjax.systems.base import get_system
-from mmjax.systems.lavida import Lavida, pool_features
+from mmjax.systems.lavida import data as ld
+from mmjax.systems.lavida import eval as lavida_eval
+from mmjax.systems.lavida.model import pool_features
 
-TINY_VISION = ["--config.model.vision_config.hidden_size=16",
-               "--config.model.vision_config.intermediate_size=32",
-               "--config.model.vision_config.num_hidden_layers=2", "--config.data.batch_size=4"]
-TINY = TINY_VISION + ["--config.model.llm_config.d_model=32",
-                      "--config.model.llm_config.n_layers=1",
-                      "--config.model.llm_config.mlp_hidden_size=64"]
-
-
-def tiny_system(*overrides, preset="demo", tiny=TINY) -> Lavida:
-  return get_system(mcfg.load(f"configs/lavida.py:{preset}", tiny + list(overrides)))
-
-
-def shapes_batch(system, n, seed=0, rng=0):
-  src = shapes.ShapesSource(seed=seed, resolution=system.config.data.resolution)
-  gen = None if rng is None else np.random.default_rng(rng)
-  examples = [system.preprocess(src[i], gen) for i in range(n)]
-  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+from lavida_helpers import TINY_VISION, random_params, shapes_batch, tiny_system
 
 
 @pytest.fixture(scope="module")
 def system():
   return tiny_system()
-
-
-def random_params(system, seed=0):
-  """Params of the system's shapes drawn in numpy (norm scales 1, biases 0, else N(0, 0.02)):
-  compiling the real initialiser costs more than these tests."""
-  boxed = jax.eval_shape(system.init, jax.random.PRNGKey(0), system.dummy_batch(1))["params"]
-  rng = np.random.default_rng(seed)
-
-  def draw(path, x):
-    name = path[-1].key
-    if name in ("scale", "bias"):
-      return jnp.full(x.shape, 1.0 if name == "scale" else 0.0, x.dtype)
-    return jnp.asarray(rng.normal(0.0, 0.02, x.shape), x.dtype)
-  return jax.tree_util.tree_map_with_path(draw, nn.unbox(boxed))
 
 
 @pytest.fixture(scope="module")
@@ -365,12 +334,12 @@ def test_infill_accuracy_counts_the_holes(system, params):
   refs = [src[i]["caption"] for i in range(3)]
   batch = shapes_batch(system, 3, rng=None)
   for kind, names in (("color", shapes.COLORS), ("shape", shapes.SHAPES)):
-    r = system._infill_accuracy(params, batch, refs, kind)
+    r = lavida_eval.infill_accuracy(system, params, batch, refs, kind)
     want = sum(w.rstrip("s") in names for ref in refs for w in ref.split())
     assert r["holes"] == want > 0 and 0.0 <= r["accuracy"] <= 1.0
     assert [e["reference"] for e in r["examples"]] == refs
-  line = ld.format_table({"num_scenes": 3, "gen_length": 12, "block_length": 4,
-                          "device": "cpu", "rows": [], "infill": {"color": r}})
+  line = lavida_eval.format_table({"num_scenes": 3, "gen_length": 12, "block_length": 4,
+                                   "device": "cpu", "rows": [], "infill": {"color": r}})
   assert "infill: color words" in line
 
 
@@ -402,7 +371,7 @@ def test_dream_backbone_traces():
   batch = shapes_batch(system, 2)
   loss, _ = jax.eval_shape(system.loss, params, batch, jax.random.key(0))
   assert loss.shape == ()
-  run = system._sampler(tuple(sorted(system.sample_options(cache="prefix").items())))
+  run = system.sampler(tuple(sorted(system.sample_options(cache="prefix").items())))
   p = system.prompt_len
   out, _ = jax.eval_shape(run, params, batch["tokens"][:, :p], batch["slot_mask"][:, :p],
                           batch["images"], batch["image_index"], jax.random.key(0), None, None)

@@ -3,6 +3,7 @@ checkpoint errors, and export to LaViDa's checkpoint layout with a reload."""
 import json
 import os
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -11,13 +12,14 @@ from safetensors import safe_open
 
 from mmjax import config as mcfg
 from mmjax import parallel
-from mmjax.systems.base import get_system
-from mmjax.systems.lavida import load_export
+from mmjax.errors import ConfigError, MissingCheckpoint
+from mmjax.systems.lavida.checkpoint import load_export
+from mmjax.systems.lavida.system import Lavida
 from mmjax.train import loop
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.state import abstract_train_state
 
-from test_lavida import TINY, random_params, shapes_batch, tiny_system
+from lavida_helpers import TINY, random_params, shapes_batch, tiny_system
 
 
 def _flat(tree):
@@ -32,7 +34,7 @@ def test_stage1_trains_only_the_projector(tmp_path):
       "--config.total_steps=3", "--config.checkpoint_every=1", "--config.log_every=1",
       "--config.keep_checkpoints=3", "--config.optim.warmup_steps=0",
       "--config.data.batch_size=8"])   # one row per virtual device
-  system = get_system(cfg)
+  system = Lavida(cfg)
   assert (system.geometry.max_views, system.geometry.max_tokens) == (1, 16)   # 4 x 4, flat
   result = loop.train(cfg, str(tmp_path), system=system)
   assert result.step == 3 and np.isfinite(result.metrics["loss"])
@@ -47,27 +49,63 @@ def test_stage1_trains_only_the_projector(tmp_path):
   moved = {k for k in before if before[k].tobytes() != after[k].tobytes()}
   assert moved == {k for k in before if k.startswith("projector/")}
   assert optimizer.trainable == frozenset(k for k in before if k.startswith("projector/"))
-  mu = _flat(result.state.opt_state[1].mu)
+  mu = _flat(result.state.opt_state["main"][1].mu)
   assert set(mu) == {k for k in before if k.startswith("projector/")}
 
 
-def test_stage_presets_and_missing_checkpoints():
-  for preset, lr, groups, stage in (("stage1", 1e-3, [], 1), ("stage2", 2e-5, [["vision_tower/.*", 0.1]], 2),
-                                    ("stage3", 2e-5, [["vision_tower/.*", 0.1]], 3)):
-    cfg = mcfg.load(f"configs/lavida.py:{preset}")
-    assert (cfg.optim.lr, [list(g) for g in cfg.optim.lr_groups], cfg.model.stage) == (lr, groups, stage)
-    with pytest.raises(SystemExit, match=r"model\.llm_path.*model\.vision_path.*:demo"):
-      get_system(cfg)
-  with pytest.raises(ValueError, match="unknown preset"):
+# the paper's architecture with tiny widths (vocabulary and geometry as configured)
+SMALL_PAPER = ["--config.model.init=random", "--config.model.llm_config.d_model=32",
+               "--config.model.llm_config.n_heads=4", "--config.model.llm_config.n_kv_heads=4",
+               "--config.model.llm_config.n_layers=1",
+               "--config.model.llm_config.mlp_hidden_size=64",
+               "--config.model.vision_config.hidden_size=16",
+               "--config.model.vision_config.intermediate_size=32",
+               "--config.model.vision_config.num_attention_heads=4",
+               "--config.model.vision_config.num_hidden_layers=3"]
+
+
+@pytest.mark.parametrize("preset,views,tokens,trained", [
+    ("stage1", 1, 27 * 27, {"projector"}),                      # one view, unpooled
+    ("stage2", 5, 196 + 28 * 29, {"projector", "vision_tower", "image_newline",
+                                  "language_model"}),
+    ("stage3", 5, 196 + 28 * 29, {"projector", "vision_tower", "image_newline",
+                                  "language_model"})])
+def test_stage_presets_build_the_papers_stages(preset, views, tokens, trained):
+  """Stage 1 trains the projector on single unpooled 384px views (27 x 27 tokens); stages 2
+  and 3 train everything on anyres views (at most 196 + a 2 x 2 grid of 14 x 14 tokens with
+  a newline after each of its 28 rows)."""
+  system = Lavida(mcfg.load(f"configs/lavida.py:{preset}", SMALL_PAPER))
+  assert (system.geometry.max_views, system.geometry.max_tokens) == (views, tokens)
+  abstract = nn.unbox(jax.eval_shape(system.init, jax.random.PRNGKey(0),
+                                     system.dummy_batch(1))["params"])
+  mask = system.trainable_mask(abstract)
+  assert {k for k, v in mask.items() if all(jax.tree.leaves(v))} == trained
+  assert {k for k, v in mask.items() if not any(jax.tree.leaves(v))} == set(mask) - trained
+
+
+def test_missing_checkpoints_and_bad_presets_are_typed_errors():
+  """The paper settings need both pretrained directories: a ``MissingCheckpoint`` names each
+  missing one (and points at the demo); presets and fields are checked by name."""
+  with pytest.raises(MissingCheckpoint, match=r"model\.llm_path.*model\.vision_path.*:demo"):
+    Lavida(mcfg.load("configs/lavida.py:stage2"))
+  with pytest.raises(MissingCheckpoint) as info:
+    Lavida(mcfg.load("configs/lavida.py:stage3,dream", ["--config.model.llm_path=/nowhere"]))
+  assert set(info.value.missing) == {"--config.model.llm_path", "--config.model.vision_path"}
+  assert info.value.missing["--config.model.llm_path"] == "/nowhere"
+  with pytest.raises(ConfigError, match="unknown preset 'stage4'.*did you mean"):
     mcfg.load("configs/lavida.py:stage4")
+  with pytest.raises(ConfigError, match="pick one stage"):
+    mcfg.load("configs/lavida.py:stage1,stage3")
   with pytest.raises(KeyError, match="prefix_cache"):
     mcfg.load("configs/lavida.py:demo", ["--config.sample.prefix_cache=True"])
+  with pytest.raises(ConfigError, match="model.loss='elbo'"):
+    tiny_system("--config.model.loss=elbo")
 
 
 def test_paper_config_builds_at_random_init():
   """LaViDa-L as configured (random init, no tokenizer): LLaDA-8B and a 26-layer SigLIP;
   only shapes are computed."""
-  system = get_system(mcfg.load("configs/lavida.py", ["--config.model.init=random"]))
+  system = Lavida(mcfg.load("configs/lavida.py", ["--config.model.init=random"]))
   text, vision = system.model_cfg.text, system.model_cfg.vision
   assert (text.stack.d_model, text.stack.num_layers, text.vocab_size) == (4096, 32, 126464)
   assert (vision.stack.num_layers, vision.image_size, system.geometry.grid) == (26, 384, 14)
@@ -82,7 +120,7 @@ def test_paper_config_builds_at_random_init():
 def test_export_layout_and_reload(tmp_path):
   system = tiny_system()
   params = random_params(system, seed=3)
-  path = system.export_mode(params, str(tmp_path))
+  path = system.modes()["export"](params, str(tmp_path))      # --mode export
   with open(os.path.join(path, "config.json")) as f:
     hf = json.load(f)
   assert hf["model_type"] == "llava_llada" and hf["mm_projector_type"] == "mlp2x_gelu"

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 from mmjax import core
-from mmjax.diffusion import masked_sampler as ms
-from mmjax.diffusion.masked_sampler import (DiffusionLM, generate, infill_schedule,
-                                            pad_drafts, strip_tokens)
+from mmjax.diffusion.masked import schedules
+from mmjax.diffusion.masked.denoiser import DiffusionLM
+from mmjax.diffusion.masked.drafts import pad_drafts, strip_tokens
+from mmjax.diffusion.masked.sampler import generate
+from mmjax.diffusion.masked.schedules import infill_schedule
 from mmjax.models.lm import DecoderLM, LMConfig
 
 V, M, P = 64, 63, 2
@@ -201,13 +203,14 @@ def test_strip_tokens_and_pad_drafts():
 
 
 def test_infill_steps_rules():
-  assert [ms.infill_steps_for(m, 16, 32) for m in (1, 2, 3, 16, 17, 32)] == [1, 1, 2, 8, 9, 16]
-  assert [ms.infill_steps_for(m, 16, 32, "full") for m in (1, 3, 16, 32)] == [1, 3, 16, 16]
-  for schedule in ms.SCHEDULES:
-    for rule in ms.INFILL_STEPS:
-      table = ms._infill_table(32, 16, schedule, 1 / 3, rule)
+  steps_for = schedules.infill_steps_for
+  assert [steps_for(m, 16, 32) for m in (1, 2, 3, 16, 17, 32)] == [1, 1, 2, 8, 9, 16]
+  assert [steps_for(m, 16, 32, "full") for m in (1, 3, 16, 32)] == [1, 3, 16, 16]
+  for schedule in schedules.SCHEDULES:
+    for rule in schedules.INFILL_STEPS:
+      table = schedules.infill_table(32, 16, schedule, 1 / 3, rule)
       assert table.sum(1).tolist() == list(range(33))                   # every hole, once
-      assert (table[32] == ms.transfer_schedule(32, 16, schedule)).all()
+      assert (table[32] == schedules.transfer_schedule(32, 16, schedule)).all()
 
 
 # ----------------------------------------------------------------------------- tiny LLaDA

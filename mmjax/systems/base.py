@@ -35,7 +35,7 @@ _REGISTRY: dict[str, str] = {
     # name -> "module:ClassName"; modules import lazily so a system's deps load only when used.
     "captioner": "mmjax.systems.captioner:Captioner",
     "metaquery": "mmjax.systems.metaquery.system:MetaQuery",
-    "lavida": "mmjax.systems.lavida:Lavida",
+    "lavida": "mmjax.systems.lavida.system:Lavida",
 }
 
 

@@ -17,21 +17,19 @@ produces fixed shapes so one compiled train step serves every image size:
   padded to the prompt length. LLaDA: LLaMA-3 headers with ``<|eot_id|>`` and LaViDa's fixed
   system prompt; Dream: Qwen's ``<|im_start|>``; the shapes demo: marker tokens of the
   shapes-world tokenizer standing in for the headers.
-* **Answer**: the answer's tokens (stage 3: [S]/[FIM] segments from ``diffusion.masked.fim_insert``),
-  the end-of-turn marker, then EOS padding that is *supervised*: the row is padded with EOS
-  to ``answer + max(0, e)`` tokens, ``e ~ U[extra_pad)``, clipped to the answer slot;
-  positions past that are padding (never attended, never in the loss). LaViDa's collator pads
-  to the batch's longest answer plus such a random extra: ``Lavida.loss`` extends every row
-  to the batch's longest (``Lavida.pad_to_batch``), so a row's slot does not give away its
-  answer's length.
-* **The demo's eval** (`held_out`, `format_table`): held-out shapes scenes as one prompt
-  batch, and the speed / quality table as text.
+* **Answer**: the answer's tokens (stage 3: [S]/[FIM] segments from
+  ``mmjax.data.masked_text.fim_insert``), the end-of-turn marker, then EOS padding that is
+  *supervised*: the row is padded with EOS to ``answer + max(0, e)`` tokens,
+  ``e ~ U[extra_pad)``, clipped to the answer slot; positions past that are padding (never
+  attended, never in the loss). LaViDa's collator pads to the batch's longest answer plus
+  such a random extra: ``Lavida.loss`` extends every row to the batch's longest
+  (``Lavida.pad_to_batch``), so a row's slot does not give away its answer's length.
 
 Example::
 
     import numpy as np
     from mmjax.data.tokenizer import shapes_tokenizer
-    from mmjax.systems import lavida_data as ld
+    from mmjax.systems.lavida import data as ld
     geo = ld.VisionGeometry(tile=16, patch=2, anyres=True, pool=True)
     views, index = geo.views(np.zeros((32, 32, 3), np.uint8))   # [5, 16, 16, 3], [88]
     prompter = ld.Prompter.shapes(shapes_tokenizer())
@@ -49,7 +47,7 @@ import numpy as np
 
 from mmjax.data import BadRecord
 from mmjax.data import image as image_ops
-from mmjax.diffusion import masked
+from mmjax.data import masked_text
 from mmjax.models import anyres
 
 # LaViDa's anyres grid resolutions (height, width) for 384px views.
@@ -323,15 +321,15 @@ def make_example(prompter: Prompter, geometry: VisionGeometry, image: np.ndarray
     raise BadRecord(f"answer of {len(ids) + len(end)} tokens (with its end marker) exceeds "
                     f"model.answer_len={answer_len}")
   if fim and rng is not None:
-    fim_ids, fim_fim = masked.fim_insert(words, rng, prompter.s_id, prompter.fim_id,
-                                         prob=fim_prob)
+    fim_ids, fim_fim = masked_text.fim_insert(words, rng, prompter.s_id, prompter.fim_id,
+                                              prob=fim_prob)
     if len(fim_ids) + len(end) <= answer_len:   # else this example stays without FIM
       ids, fim_marks = fim_ids, fim_fim
   ids = np.concatenate([ids, end])
   fim_marks = np.concatenate([fim_marks, np.zeros(end.shape, bool)])
   extra = int(rng.integers(*extra_pad)) if rng is not None else 0
-  body, supervised = masked.pad_answers_with_eos([ids], [len(ids)], prompter.eos_id,
-                                                 extra_pad=extra, max_len=answer_len)
+  body, supervised = masked_text.pad_answers_with_eos([ids], [len(ids)], prompter.eos_id,
+                                                      extra_pad=extra, max_len=answer_len)
   n = body.shape[1]
   answer = np.full((answer_len,), prompter.eos_id, np.int32)
   answer[:n] = body[0]
@@ -345,33 +343,3 @@ def make_example(prompter: Prompter, geometry: VisionGeometry, image: np.ndarray
           "answer_mask": np.concatenate([np.zeros((p,), bool), answer_mask]),
           "fim_mask": np.concatenate([np.zeros((p,), bool), fim_answer]),
           "images": views, "image_index": index}
-
-
-# ============================================================================ the demo's eval
-def held_out(config, num: int, preprocess):
-  """The first ``num`` held-out shapes scenes (seed ``config.seed + 10000``, the training
-  categories ``config.data.categories``) and their prompts as one batch."""
-  from mmjax.data import shapes  # pylint: disable=import-outside-toplevel
-  cats = [c.strip() for c in config.data.get("categories", "").split(",") if c.strip()]
-  src = shapes.ShapesSource(seed=config.seed + 10_000, categories=cats or None,
-                            resolution=config.data.resolution)
-  recs = [src[i] for i in range(num)]
-  examples = [preprocess(r) for r in recs]
-  return recs, {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-
-
-def format_table(result: dict) -> str:
-  """The eval table as text (one row per model / cache / NFE setting)."""
-  lines = [f"LaViDa demo: {result['num_scenes']} held-out scenes, gen_length "
-           f"{result['gen_length']}, block {result['block_length']}, {result['device']}",
-           f"{'model':8s} {'cache':7s} {'decoding':14s} {'NFE':>6s} {'NFE%':>5s} "
-           f"{'attr acc':>8s} {'exact':>6s} {'ms/sample':>10s}"]
-  for r in result["rows"]:
-    how = f"tau={r['threshold']}" if r["threshold"] is not None else f"steps={r['steps']}"
-    lines.append(f"{r['model']:8s} {r['cache']:7s} {how:14s} {r['nfe']:6.1f} "
-                 f"{r['nfe_percent']:5.0f} {r['attribute_accuracy']:8.3f} {r['exact']:6.3f} "
-                 f"{1e3 * r['seconds_per_sample']:10.2f}")
-  for kind, r in result.get("infill", {}).items():
-    lines.append(f"infill: {kind} words as {r.get('slots', 1)}-slot holes in the reference "
-                 f"caption: {r['accuracy']:.3f} of {r['holes']} filled right")
-  return "\n".join(lines)
