@@ -63,3 +63,20 @@ def test_metaquery():
   ratio = system.flops_per_step(4) / xla_grad_flops(system, 4)
   print(f"metaquery analytic / XLA = {ratio:.4f}")
   assert abs(ratio - 1) < 0.05, ratio
+
+
+LV_WIDE = ["--config.model.vision_config.hidden_size=256",
+           "--config.model.vision_config.intermediate_size=1024",
+           "--config.model.vision_config.num_hidden_layers=2",
+           "--config.model.llm_config.d_model=256", "--config.model.llm_config.n_layers=2",
+           "--config.model.llm_config.mlp_hidden_size=1024", "--config.scan_layers=False"]
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_lavida(stage):
+  from mmjax.systems.lavida.system import Lavida
+  c = config_lib.load(os.path.join(ROOT, "configs", "lavida.py") + f":{stage},demo", LV_WIDE)
+  system = Lavida(c)
+  ratio = system.flops_per_step(4) / xla_grad_flops(system, 4)
+  print(f"lavida {stage} analytic / XLA = {ratio:.4f}")
+  assert abs(ratio - 1) < 0.05, ratio

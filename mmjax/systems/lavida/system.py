@@ -55,6 +55,7 @@ from mmjax.models.lm import DecoderLM
 from mmjax.systems.base import System
 from mmjax.systems.lavida import checkpoint, eval as lavida_eval
 from mmjax.systems.lavida.data import PROMPT_KINDS, Prompter, VisionGeometry, make_example
+from mmjax.train import flops as fl
 from mmjax.systems.lavida.model import (BACKBONES, LavidaConfig, LavidaModel,
                                         vision_tower_config)
 
@@ -256,19 +257,26 @@ class Lavida(System):
                   "masked_tokens": weights.sum() / n}
 
   def flops_per_step(self, batch_size):
-    """Matmul FLOPs (2 per multiply-add) of one step: forward x3 for trained parts (weights
-    and activations get gradients), x2 for the frozen LM of stage 1 (activation gradients
-    only), x1 for a frozen vision tower (nothing flows back into it)."""
+    """``mmjax.train.flops``: the LM over the 2B complementary rows (prompt + answer) and the
+    output head on the answer positions; the vision tower on every view's patches and the
+    projector before pooling. Stage 1: the LM is frozen with gradients flowing through it
+    (``THROUGH``), the tower frozen behind a stop-gradient (``FORWARD``); else all train.
+    The patch convolution needs no input gradient (one pass less)."""
     m, geo, c = self.config.model, self.geometry, self.model_cfg
     stage1 = m.stage == 1
     views, nv = batch_size * geo.max_views, geo.feature_grid ** 2
     rows, t = batch_size * (2 if m.complementary else 1), self.prompt_len + self.answer_len
     d, dv = c.text.stack.d_model, c.vision.stack.d_model
-    vision = _stack_flops(c.vision.stack, views * nv, nv)
-    projector = 2 * views * nv * (dv * d + d * d)
-    lm = (_stack_flops(c.text.stack, rows * t, t)
-          + 2 * rows * self.answer_len * d * c.text.vocab_size)
-    return float(vision * (1 if stage1 else 3) + 3 * projector + lm * (2 if stage1 else 3))
+    vision = fl.stack_macs(c.vision.stack, views * nv, nv)
+    patch = fl.dense_macs(views * nv, c.vision.patch_size ** 2 * 3, dv)
+    projector = fl.dense_macs(views * nv, dv, d) + fl.dense_macs(views * nv, d, d)
+    lm = (fl.stack_macs(c.text.stack, rows * t, t)
+          + fl.dense_macs(rows * self.answer_len, d, c.text.vocab_size))
+    if stage1:
+      return (fl.flops(vision + patch, fl.FORWARD) + fl.flops(projector, fl.TRAINED)
+              + fl.flops(lm, fl.THROUGH))
+    return (fl.flops(vision + projector + lm, fl.TRAINED)
+            + fl.flops(patch, fl.THROUGH))
 
   # -- sampling -----------------------------------------------------------------------------
   @functools.lru_cache(maxsize=64)
@@ -372,10 +380,3 @@ class Lavida(System):
             "export": functools.partial(checkpoint.export, self)}
 
 
-def _stack_flops(c: core.TransformerConfig, tokens: int, seq: int) -> float:
-  """Forward matmul FLOPs of ``tokens`` tokens through a stack, attending over ``seq``."""
-  attn = (c.d_model * c.head_dim * (c.num_heads + 2 * c.num_kv_heads)
-          + c.num_heads * c.head_dim * c.d_model)
-  mlp = (3 if c.mlp_act in ("swiglu", "geglu") else 2) * c.d_model * c.mlp_dim
-  scores = 2 * c.num_heads * c.head_dim * seq            # q.k and p.v per token
-  return 2.0 * tokens * c.num_layers * (attn + mlp + scores / 2)
