@@ -41,7 +41,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax import core
 from mmjax.data import BadRecord
 from mmjax.data import image as image_ops
 from mmjax.diffusion.masked import forward
