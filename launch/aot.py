@@ -43,7 +43,7 @@ def main(argv=None) -> int:
   # TPU devices exist only as compile targets here: the host backend stays CPU.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   from mmjax import config as config_lib
-  from mmjax.parallel import aot
+  from mmjax.train import aot
   cfg = config_lib.load(args.config, overrides)
   report = aot.aot_report(cfg, args.topology, args.num_slices, args.unrolled_cost)
   print(aot.format_report(report))

@@ -6,7 +6,7 @@ import os
 import jax
 import pytest
 
-from mmjax.parallel import aot
+from mmjax.train import aot
 
 pytest.importorskip(
     "libtpu", reason=f"libtpu is not installed (pip install 'jax[tpu]=={jax.__version__}'); "

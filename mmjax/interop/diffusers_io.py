@@ -89,7 +89,8 @@ def load_diffusers(path: str, mesh: Optional[jax.sharding.Mesh] = None, rules=No
   ref_config = hf.read_config(path)
   family: Family = family_module(ref_config.get("_class_name")).DIFFUSERS_FAMILY
   cfg = family.from_hf_config(ref_config, param_dtype=param_dtype, **config_overrides)
-  return hf.load_params(family, cfg, DiffusersCheckpoint(path), mesh, rules)
+  return hf.load_params(family, cfg, DiffusersCheckpoint(path, tuple(family.renames(cfg))),
+                        mesh, rules)
 
 
 # ----------------------------------------------------------------------------- save

@@ -9,7 +9,8 @@ a host only materialises one reference tensor at a time plus the shards its own 
 ``from_pretrained``.
 
 The machinery is shared with ``diffusers_io`` (which differs only in file names and family
-registry): ``Checkpoint`` (file names are parameters), ``check_checkpoint``, ``build_param``,
+registry) and ``subtree``: ``Checkpoint`` (``reader``; file names are parameters),
+``check_checkpoint``, ``read_shards`` / ``build_param``,
 ``load_params``, ``state_dict``, ``write_checkpoint`` (the one sharded safetensors writer),
 ``flat_params`` / ``unflat_params``, ``to_host``.
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import re
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -38,10 +38,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from mmjax.interop.tables import Family, expand, matches_any, unmapped
+# Checkpoint, CheckpointMismatchError and read_config are re-exported (their old home)
+from mmjax.interop.reader import (INDEX_FILE, SINGLE_FILE, Checkpoint,  # noqa: F401
+                                  CheckpointMismatchError, host_empty, read_config)
+from mmjax.interop.tables import Family, Part, expand, matches_any, unmapped
 
 # registry: family name -> module defining ``HF_FAMILY`` (imported lazily), and the reference
 # ``model_type`` values each family loads.
@@ -51,19 +53,14 @@ FAMILIES = {
     "llada": "mmjax.models.llada",
     "siglip_vision": "mmjax.models.siglip",
     "llava_onevision": "mmjax.models.llava_onevision",
+    "lavida": "mmjax.systems.lavida.checkpoint",
 }
 MODEL_TYPES = {
     "qwen2": "qwen2", "Dream": "dream", "dream": "dream", "llada": "llada",
     "siglip_vision_model": "siglip_vision", "siglip": "siglip_vision",
     "llava_onevision": "llava_onevision",
+    "llava_llada": "lavida", "llava_dream": "lavida",
 }
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-
-
-class CheckpointMismatchError(ValueError):
-  """A checkpoint does not fit the model: lists every missing, unexpected and mis-shaped
-  tensor (and any of our parameters no table rule fills)."""
 
 
 def get_family(name: str) -> Family:
@@ -71,6 +68,16 @@ def get_family(name: str) -> Family:
   if name not in FAMILIES:
     raise KeyError(f"unknown model family {name!r}; known: {sorted(FAMILIES)}")
   return importlib.import_module(FAMILIES[name]).HF_FAMILY
+
+
+def _present_family(name: str) -> Optional[Family]:
+  """``get_family(name)``, or None when its registered module is not installed."""
+  try:
+    return get_family(name)
+  except ModuleNotFoundError as e:
+    if e.name and FAMILIES[name].startswith(e.name):
+      return None
+    raise
 
 
 def family_for_config(hf_config: dict) -> Family:
@@ -81,72 +88,11 @@ def family_for_config(hf_config: dict) -> Family:
     return get_family(MODEL_TYPES[model_type])
   archs = tuple(hf_config.get("architectures") or ())
   for name in FAMILIES:
-    fam = get_family(name)
-    if any(a in fam.architectures for a in archs):
+    fam = _present_family(name)
+    if fam is not None and any(a in fam.architectures for a in archs):
       return fam
   raise ValueError(f"no mmjax family loads model_type={model_type!r} architectures={archs}; "
                    f"known model types: {sorted(MODEL_TYPES)}")
-
-
-def read_config(path: str) -> dict:
-  with open(os.path.join(path, "config.json")) as f:
-    return json.load(f)
-
-
-# ----------------------------------------------------------------------------- reading
-class Checkpoint:
-  """Lazy view of the safetensors file(s) of a directory: names, shapes, one-tensor reads.
-
-  ``weights`` / ``index`` are the file names: transformers' ``model.safetensors`` and
-  ``model.safetensors.index.json`` by default, diffusers' ``diffusion_pytorch_model.*`` in
-  ``diffusers_io``. ``renames`` (``(regex, replacement)`` pairs) map stored names to the
-  names tables use.
-
-  Example::
-
-    ckpt = Checkpoint("/ckpt/qwen2")
-    ckpt.shapes["model.norm.weight"], ckpt.read("model.norm.weight").dtype
-  """
-
-  def __init__(self, path: str, renames=(), *, weights: str = SINGLE_FILE,
-               index: str = INDEX_FILE):
-    index_path = os.path.join(path, index)
-    if os.path.exists(index_path):
-      with open(index_path) as f:
-        weight_map = json.load(f)["weight_map"]
-    elif os.path.exists(os.path.join(path, weights)):
-      weight_map = None
-    else:
-      raise FileNotFoundError(f"{path!r} has neither {weights} nor {index}")
-    files = sorted(set(weight_map.values())) if weight_map else [weights]
-    self._handles = {f: safe_open(os.path.join(path, f), framework="np") for f in files}
-    self.file_of, self.stored, self.shapes = {}, {}, {}
-    for fname, h in self._handles.items():
-      for key in h.keys():
-        name = key
-        for pattern, repl in renames:
-          name = re.sub(pattern, repl, name)
-        if name in self.stored:
-          raise CheckpointMismatchError(f"checkpoint names {self.stored[name]!r} and {key!r} "
-                                        f"both mean {name!r}")
-        self.file_of[name], self.stored[name] = fname, key
-        self.shapes[name] = tuple(h.get_slice(key).get_shape())
-    if weight_map:
-      found = {self.stored[n]: self.file_of[n] for n in self.stored}
-      lost = sorted(k for k, f in weight_map.items() if found.get(k) != f)
-      if lost:
-        raise CheckpointMismatchError(f"{index} lists tensors absent from their files: {lost}")
-    self._last = (None, None)
-
-  def keys(self) -> set:
-    return set(self.shapes)
-
-  def read(self, name: str) -> np.ndarray:
-    """One tensor as numpy (bf16 as ``ml_dtypes.bfloat16``); the last read is remembered so
-    ``Part`` rules sharing a tensor read it once."""
-    if self._last[0] != name:
-      self._last = (name, self._handles[self.file_of[name]].get_tensor(self.stored[name]))
-    return self._last[1]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -209,38 +155,52 @@ def check_checkpoint(family: Family, cfg, ckpt: Checkpoint, entries, our_shapes)
     raise CheckpointMismatchError("\n".join(lines))
 
 
-def _index_key(index, shape) -> tuple:
+def index_key(index, shape) -> tuple:
+  """``((start, stop), ...)`` of a shard index (a tuple of slices) of an array ``shape``."""
   return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
 
 
-def build_param(entries, shape, dtype, ckpt: Checkpoint, sharding):
-  """One parameter from its reference tensor(s): stacked layers or a single tensor; with a
-  ``sharding``, only the shards this host's devices hold are materialised."""
+_index_key = index_key
+
+
+def read_shards(entries, shape, dtype, ckpt: Checkpoint, keys) -> dict:
+  """``{key: numpy}``: the pieces ``keys`` (``index_key``s) of one parameter of ``shape``,
+  built from its reference tensor(s) ``entries``. Each reference tensor is read once and
+  only one is in memory at a time (stacked layers fill the pieces layer by layer)."""
   entries = sorted(entries, key=lambda e: -1 if e.layer is None else e.layer)
   stacked = entries[0].layer is not None
 
   def piece(e):
-    return np.asarray(e.transform.to_ours(ckpt.read(e.hf), e.our_shape), dtype)
+    x = ckpt.read(e.hf, keep=isinstance(e.transform, Part))
+    return np.asarray(e.transform.to_ours(x, e.our_shape), dtype)
 
-  if sharding is None:
-    arr = np.stack([piece(e) for e in entries]) if stacked else piece(entries[0])
-    return jnp.asarray(arr)
-  index_map = sharding.addressable_devices_indices_map(shape)
-  bufs = {_index_key(i, shape): None for i in index_map.values()}
+  bufs = {key: host_empty([b - a for a, b in key], dtype) for key in keys}
   if stacked:  # layer-major: one reference tensor in memory at a time
-    for key in bufs:
-      bufs[key] = np.empty([b - a for a, b in key], dtype)
     for e in entries:
       x = piece(e)
       for key, buf in bufs.items():
         (start, stop), rest = key[0], key[1:]
         if start <= e.layer < stop:
           buf[e.layer - start] = x[tuple(slice(a, b) for a, b in rest)]
+      del x
   else:
     x = piece(entries[0])
-    for key in bufs:
-      bufs[key] = np.ascontiguousarray(x[tuple(slice(a, b) for a, b in key)])
-  return jax.make_array_from_callback(shape, sharding, lambda i: bufs[_index_key(i, shape)])
+    for key, buf in bufs.items():
+      buf[...] = x[tuple(slice(a, b) for a, b in key)]
+  return bufs
+
+
+def build_param(entries, shape, dtype, ckpt: Checkpoint, sharding):
+  """One parameter from its reference tensor(s): stacked layers or a single tensor; with a
+  ``sharding``, only the shards this host's devices hold are materialised."""
+  shape = tuple(shape)
+  if sharding is None:
+    full = tuple((0, n) for n in shape)
+    return jnp.asarray(read_shards(entries, shape, dtype, ckpt, [full])[full])
+  index_map = sharding.addressable_devices_indices_map(shape)
+  bufs = read_shards(entries, shape, dtype, ckpt,
+                     list(dict.fromkeys(index_key(i, shape) for i in index_map.values())))
+  return jax.make_array_from_callback(shape, sharding, lambda i: bufs[index_key(i, shape)])
 
 
 # old private names (kept for callers outside interop)
@@ -269,6 +229,7 @@ def load_params(family: Family, cfg, ckpt: Checkpoint, mesh=None, rules=None):
     by_path.setdefault(e.ours, []).append(e)
   flat = {p: build_param(by_path[p], s.shape, s.dtype, ckpt, shardings.get(p))
           for p, s in shapes.items()}
+  ckpt.forget()
   return module, unflat_params(flat)
 
 
@@ -370,8 +331,10 @@ def load_hf(path: str, mesh: Optional[jax.sharding.Mesh] = None, rules=None, *,
 
 
 def hf_state_dict(module, params) -> dict:
-  """Our params as the reference ``{name: numpy array}`` (what ``save_hf`` writes)."""
-  return state_dict(get_family(module.config.family), module.config, params)
+  """Our params as the reference ``{name: numpy array}`` (what ``save_hf`` writes);
+  ``module`` is a family module or its config."""
+  cfg = getattr(module, "config", module)
+  return state_dict(get_family(cfg.family), cfg, params)
 
 
 def save_hf(module, params, path: str, *, dtype: Any = None,
@@ -379,7 +342,8 @@ def save_hf(module, params, path: str, *, dtype: Any = None,
   """Writes ``config.json`` + safetensors that transformers' ``from_pretrained`` loads.
 
   Args:
-    module, params: a family module (``module.config.family`` names it) and its params.
+    module, params: a family module (``module.config.family`` names it; or that config)
+      and its params.
     dtype: tensor dtype on disk (default: as the params are, e.g. float32).
     max_shard_bytes: above this total the weights are split into
       ``model-0000k-of-0000n.safetensors`` files with a ``model.safetensors.index.json``.
@@ -391,8 +355,9 @@ def save_hf(module, params, path: str, *, dtype: Any = None,
     save_hf(module, params, "/tmp/qwen2_export")
     # transformers.Qwen2ForCausalLM.from_pretrained("/tmp/qwen2_export")
   """
-  family = get_family(module.config.family)
-  tensors = cast_floating(hf_state_dict(module, params), dtype)
-  hf_config = dict(family.to_hf_config(module.config))
+  cfg = getattr(module, "config", module)
+  family = get_family(cfg.family)
+  tensors = cast_floating(hf_state_dict(cfg, params), dtype)
+  hf_config = dict(family.to_hf_config(cfg))
   hf_config["dtype"] = str(np.dtype(next(iter(tensors.values())).dtype))
   return write_checkpoint(path, hf_config, tensors, max_shard_bytes=max_shard_bytes)

@@ -4,12 +4,14 @@ With ``libtpu`` installed, ``jax.experimental.topologies`` describes any TPU sli
 (``v5p:4x4x4``) as compile-only devices. We build the mesh over them, the abstract train
 state and batch (``ShapeDtypeStruct``s carrying their shardings; nothing is allocated),
 lower and compile the same jitted step ``launch/tpu.py`` runs, and read XLA's per-chip
-memory and cost analyses. The command line is ``launch/aot.py``.
+memory and cost analyses. The command line is ``launch/aot.py``. The tool lives in
+``train/`` because it builds a system's (``mmjax.systems.base``) train state and step
+(``mmjax.train``); nothing below ``train/`` imports it.
 
 Example::
 
     from mmjax import config as mcfg
-    from mmjax.parallel import aot
+    from mmjax.train import aot
     cfg = mcfg.load("configs/captioner.py", ["--config.mesh.fsdp=-1", "--config.mesh.data=1"])
     report = aot.aot_report(cfg, "v5p:2x2x1")
     print(aot.format_report(report))   # memory per chip vs HBM, sharding, flops, MFU
