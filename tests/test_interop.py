@@ -14,7 +14,7 @@ from mmjax.interop import CheckpointMismatchError, load_hf
 from mmjax.interop.hf import abstract_params, get_family
 from mmjax.interop.tables import CONV, LINEAR, LINEAR_OUT, Part, Rule, expand
 
-from test_models_qwen2 import IDS, MASK, tiny_qwen2, torch_logits, max_diff
+from reference_models import IDS, MASK, max_diff, tiny_qwen2, torch_logits
 
 
 def test_sharded_import_places_every_array(tmp_path):

@@ -24,7 +24,7 @@ Example::
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import flax
 import flax.linen as nn
@@ -38,6 +38,7 @@ from mmjax.core.mlp import Mlp
 from mmjax.core.norms import make_norm
 
 LAYERS = "layers"  # name of the scanned layer collection and of its logical axis
+TAP_AXES = (None, "act_batch", "act_length", "act_embed")  # logical axes of a tap buffer
 
 
 @flax.struct.dataclass
@@ -104,6 +105,34 @@ class DecoderLayer(nn.Module):
     return x, ((cache, x) if self.emit_hidden else cache)
 
 
+class TapLayer(nn.Module):
+  """A layer that also records its output in a small tap buffer (the scanned path of
+  ``TransformerStack(tap_layers=...)``).
+
+  The carry is ``(x, taps, count)``: ``taps [len(tap_layers), batch, len, d]`` and ``count``
+  the layers run so far. After the wrapped layer runs, ``count + 1`` is compared with
+  ``tap_layers`` and matching rows of ``taps`` take the new ``x`` (a select, no gather or
+  per-layer output). The wrapped layer shares this module's scope (``nn.share_scope``), so the
+  parameters are exactly those of the layer alone; the select sits outside any remat.
+  """
+  cfg: TransformerConfig
+  layer: Any                      # the (possibly remat-wrapped) DecoderLayer class
+  tap_layers: tuple
+  emit_hidden: bool = False
+
+  def setup(self):
+    self.inner = self.layer(self.cfg, emit_hidden=self.emit_hidden)
+    nn.share_scope(self, self.inner)
+
+  def __call__(self, carry, mask, positions, cache, cache_index, deterministic, cache_valid=None):
+    x, taps, count = carry
+    x, out = self.inner(x, mask, positions, cache, cache_index, deterministic, cache_valid)
+    count = count + 1
+    hit = jnp.asarray(self.tap_layers, jnp.int32) == count                    # [taps]
+    taps = jnp.where(hit[:, None, None, None], x[None].astype(taps.dtype), taps)
+    return (x, constrain(taps, TAP_AXES), count), out
+
+
 class TransformerStack(nn.Module):
   """``cfg.num_layers`` DecoderLayers, scanned (params under ``layers`` with a leading
   'layers' axis) or unrolled (``layers_0``, ``layers_1``, ...), with ``cfg.remat_policy``."""
@@ -112,7 +141,8 @@ class TransformerStack(nn.Module):
   @nn.compact
   def __call__(self, x, *, mask, positions=None, cache: Optional[KVCache] = None,
                decode: bool = False, deterministic: bool = True,
-               return_hidden_states: bool = False, cache_valid=None):
+               return_hidden_states: bool = False, cache_valid=None,
+               tap_layers: tuple = ()):
     """``x [batch, len, d_model]`` -> same shape (no final norm).
 
     Args:
@@ -134,12 +164,29 @@ class TransformerStack(nn.Module):
       return_hidden_states: also return every layer's output ``hidden [layers, batch, len,
         d_model]`` (``hidden[-1]`` is ``x``), collected by the scan / loop:
         ``(x, hidden)``, or ``(x, new_cache, hidden)`` with a cache.
+      tap_layers: layer counts whose outputs to return, in transformers' ``hidden_states[k]``
+        convention (0 = the input, k = the output of the first k layers, ``num_layers`` = the
+        last layer's output), in any order, repeats allowed. Returns ``taps [len(tap_layers),
+        batch, len, d_model]`` last: ``(x, taps)``, ``(x, new_cache, taps)``, or after
+        ``hidden`` when both are asked. The scan carries only this buffer and a layer count
+        and writes a tap with a select when the count matches: memory is ``len(tap_layers)``
+        activations, not ``num_layers`` (``return_hidden_states`` keeps every layer).
+        Parameters and ``x`` are the same as without taps.
+
+    Example::
+
+      y, taps = stack.apply(params, x, mask=mask, tap_layers=(0, 1))
+      # taps[0] == x (cast to cfg.dtype); taps[1] == the first layer's output
     """
     c = self.cfg
     if decode != (cache is not None):
       raise ValueError("decode=True needs a KVCache and a KVCache needs decode=True")
     if cache_valid is not None and cache is None:
       raise ValueError("cache_valid needs a KVCache")
+    tap_layers = tuple(int(k) for k in tap_layers)
+    bad = [k for k in tap_layers if not 0 <= k <= c.num_layers]
+    if bad:
+      raise ValueError(f"tap_layers {bad} outside 0..{c.num_layers} (layer counts of the stack)")
     b, s, _ = x.shape
     index = None if cache is None else cache.index
     if positions is None:
@@ -154,20 +201,33 @@ class TransformerStack(nn.Module):
                        prevent_cse=not c.scan_layers, static_argnums=(6,))
     kv = None if cache is None else (cache.key, cache.value)
     if c.scan_layers:
-      scanned = nn.scan(
-          layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+      scan_kw = dict(
+          variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
           in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast, nn.broadcast),
           length=c.num_layers, metadata_params={nn.PARTITION_NAME: LAYERS})
-      x, out = scanned(c, emit_hidden=return_hidden_states, name=LAYERS)(
-          x, mask, positions, kv, index, deterministic, cache_valid)
+      if tap_layers:
+        hit = jnp.asarray(tap_layers, jnp.int32) == 0
+        taps = jnp.where(hit[:, None, None, None], x[None],
+                         jnp.zeros((len(tap_layers),) + x.shape, x.dtype))
+        carry = (x, constrain(taps, TAP_AXES), jnp.zeros((), jnp.int32))
+        (x, taps, _), out = nn.scan(TapLayer, **scan_kw)(
+            c, layer, tap_layers, emit_hidden=return_hidden_states, name=LAYERS)(
+                carry, mask, positions, kv, index, deterministic, cache_valid)
+      else:
+        x, out = nn.scan(layer, **scan_kw)(c, emit_hidden=return_hidden_states, name=LAYERS)(
+            x, mask, positions, kv, index, deterministic, cache_valid)
       kv, hidden = out if return_hidden_states else (out, None)
     else:
-      outs = []
+      outs, kept = [], {0: x}
       for i in range(c.num_layers):
         layer_kv = None if kv is None else (kv[0][i], kv[1][i])
         x, out = layer(c, emit_hidden=return_hidden_states, name=f"{LAYERS}_{i}")(
             x, mask, positions, layer_kv, index, deterministic, cache_valid)
         outs.append(out if return_hidden_states else (out, None))
+        if i + 1 in tap_layers:
+          kept[i + 1] = x
+      if tap_layers:
+        taps = constrain(jnp.stack([kept[k] for k in tap_layers]), TAP_AXES)
       if kv is not None:
         kv = tuple(jnp.stack([o[0][j] for o in outs]) for j in range(2))
       hidden = jnp.stack([o[1] for o in outs]) if return_hidden_states else None
@@ -175,6 +235,8 @@ class TransformerStack(nn.Module):
                                                     index=cache.index + s))
     if return_hidden_states:
       result += (hidden,)
+    if tap_layers:
+      result += (taps,)
     return result[0] if len(result) == 1 else result
 
 

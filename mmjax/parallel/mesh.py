@@ -141,7 +141,7 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[Any] | None = None) -> jax.shardi
   """A ``Mesh`` with axes ``('data', 'fsdp', 'tensor', 'context')`` over ``devices``.
 
   ``devices`` defaults to ``jax.devices()``; pass a topology's devices to build a mesh for
-  AOT compilation (see ``mmjax.parallel.aot``).
+  AOT compilation (see ``mmjax.train.aot``).
 
   >>> make_mesh(dict(data=-1, fsdp=1, tensor=1, context=1)).axis_names
   ('data', 'fsdp', 'tensor', 'context')
