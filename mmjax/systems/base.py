@@ -36,6 +36,7 @@ _REGISTRY: dict[str, str] = {
     "captioner": "mmjax.systems.captioner:Captioner",
     "metaquery": "mmjax.systems.metaquery.system:MetaQuery",
     "lavida": "mmjax.systems.lavida.system:Lavida",
+    "dualtoken": "mmjax.systems.dualtoken.system:DualToken",
 }
 
 

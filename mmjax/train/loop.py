@@ -258,7 +258,9 @@ def train(config: Any, workdir: str, system: Any = None) -> TrainResult:
 
 def restore_params(config: Any, workdir: str, system: Any) -> tuple[Any, int]:
   """``(params, step)`` of the newest readable checkpoint, on the current mesh; with
-  ``optim.ema_decay`` set, the EMA parameters (what sampling and evaluation use)."""
+  ``optim.ema_decay`` set, the EMA parameters (what sampling and evaluation use). For a
+  system with mutable collections (EMA codebooks) ``params`` is the variables dict
+  ``{'params': ..., 'codebook': ...}`` its modes need."""
   mesh = parallel.make_mesh(config.mesh)
   rules = parallel.logical_rules(config)
   if not step_dirs(workdir):  # before Orbax starts its background work on the directory
@@ -273,11 +275,15 @@ def restore_params(config: Any, workdir: str, system: Any) -> tuple[Any, int]:
   if restored is None:
     raise NoCheckpoint(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; "
                        "train first (--mode train)")
-  return restored.state.eval_params(optimizer), restored.step
+  params = restored.state.eval_params(optimizer)
+  if restored.state.mutables:
+    params = {"params": params, **restored.state.mutables}
+  return params, restored.step
 
 
 def run_mode(config: Any, workdir: str, system: Any, mode: str) -> Any:
-  """Runs ``system.modes()[mode](params, workdir)`` on the newest checkpoint's params."""
+  """Runs ``system.modes()[mode](params, workdir)`` on the newest checkpoint's params (the
+  variables dict for a system with mutable collections, see ``restore_params``)."""
   modes = system.modes()
   if mode not in modes:
     raise KeyError(f"system {config.system!r} has no mode {mode!r}; it has {sorted(modes)}")
