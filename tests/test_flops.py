@@ -5,10 +5,10 @@ import jax
 import numpy as np
 import pytest
 
+import os
+
 from mmjax import config as config_lib
 from mmjax.train import flops as fl, optim
-
-import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,13 +47,15 @@ def test_captioner():
   assert abs(ratio - 1) < 0.05, ratio
 
 
-MQ_WIDE = ["--config.mllm.hf_config.hidden_size=256", "--config.mllm.hf_config.intermediate_size=1024",
-           "--config.model.connector_head_dim=64",
-           "--config.decoder.dit.attention_head_dim=64", "--config.decoder.dit.num_attention_heads=4",
+MQ_WIDE = ["--config.mllm.hf_config.hidden_size=256",
+           "--config.mllm.hf_config.intermediate_size=1024",
+           "--config.model.connector_head_dim=64", "--config.decoder.dit.attention_head_dim=64",
+           "--config.decoder.dit.num_attention_heads=4",
            "--config.decoder.dit.num_cross_attention_heads=4",
            "--config.decoder.dit.cross_attention_head_dim=64",
-           "--config.decoder.dit.cross_attention_dim=256", "--config.decoder.dit.caption_channels=256",
-           "--config.decoder.dit.num_layers=2", "--config.scan_layers=False"]
+           "--config.decoder.dit.cross_attention_dim=256",
+           "--config.decoder.dit.caption_channels=256", "--config.decoder.dit.num_layers=2",
+           "--config.scan_layers=False"]
 
 
 def test_metaquery():
@@ -79,4 +81,30 @@ def test_lavida(stage):
   system = Lavida(c)
   ratio = system.flops_per_step(4) / xla_grad_flops(system, 4)
   print(f"lavida {stage} analytic / XLA = {ratio:.4f}")
+  assert abs(ratio - 1) < 0.05, ratio
+
+
+DT_WIDE = ["--config.model.vision_config.hidden_size=256",
+           "--config.model.vision_config.intermediate_size=1024",
+           "--config.model.decoder.ch=64", "--config.model.decoder.in_channels=256",
+           "--config.model.disc.ndf=32", "--config.model.depths=2"]
+
+
+def test_dualtoken():
+  """Both objectives of one train step (the discriminator's too) against XLA's count of
+  the whole step program."""
+  from mmjax import parallel
+  from mmjax.systems.dualtoken.system import DualToken
+  from mmjax.train import state as state_lib, step as step_lib
+  c = config_lib.load(os.path.join(ROOT, "configs", "dualtoken.py") + ":demo", DT_WIDE)
+  system = DualToken(c)
+  mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  rules = parallel.logical_rules(c)
+  abstract, _, opt = state_lib.abstract_train_state(system, c, mesh, rules)
+  fn = step_lib.train_step_fn(system, opt, 0)
+  batch = {"images": jax.ShapeDtypeStruct((4, 32, 32, 3), np.float32)}
+  cost = jax.jit(fn).lower(abstract, batch).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  ratio = system.flops_per_step(4) / float(cost["flops"])
+  print(f"dualtoken analytic / XLA = {ratio:.4f}")
   assert abs(ratio - 1) < 0.05, ratio
