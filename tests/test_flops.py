@@ -1,11 +1,11 @@
 """The one FLOPs counter (``mmjax.train.flops``) against XLA's cost analysis of each
 system's unrolled gradient computation (tiny configs wide enough that matmuls dominate, as
 they do at paper size): within 5%."""
+import os
+
 import jax
 import numpy as np
 import pytest
-
-import os
 
 from mmjax import config as config_lib
 from mmjax.train import flops as fl, optim
