@@ -14,7 +14,7 @@ bf16 with the quantisers in fp32, RandomResizedCrop(0.9-1.0).
       --config.model.lpips_vgg_path=/ckpt/vgg16.pth \\
       --config.data.source=array_record --config.data.path='/data/cc12m-*.array_record'
   python launch/aot.py --config configs/dualtoken.py --topology v5p:4x4x4 \\
-      --config.model.init=random --config.loss.lpips=0 --config.mesh.fsdp=-1 --config.mesh.data=1
+      --config.model.init=random --config.mesh.fsdp=-1 --config.mesh.data=1
 """
 from ml_collections import ConfigDict
 
@@ -39,7 +39,9 @@ def get_config(arg=None):
   c.dtype = "bfloat16"
   c.remat_policy = "full"
   c.model = ConfigDict(dict(
-      init="siglip",             # random | siglip (tower from siglip_path) | release (all)
+      # random (everything drawn, LPIPS's VGG too unless lpips_vgg_path is set: for AOT and
+      # smoke tests) | siglip (tower from siglip_path) | release (tokenizer from release_path)
+      init="siglip",
       siglip_path="",            # transformers SigLIP / SigLIP2 directory
       release_path="",           # the authors' release: config dir + epoch_N.pt
       lpips_vgg_path="",         # torchvision VGG16 state dict (.pth / .safetensors)
@@ -77,7 +79,7 @@ def get_config(arg=None):
   if "no_restart" in presets:
     c.model.restart_dead_codes = False
   if "demo" in presets:
-    c.total_steps = 1500
+    c.total_steps = 2500
     c.log_every = 50
     c.checkpoint_every = 500
     c.dtype = "float32"
@@ -90,13 +92,13 @@ def get_config(arg=None):
                                  layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh")
     c.model.pixel.update(codebook_size=256, dim=8)
     c.model.semantic.update(codebook_size=256, dim=8)
-    c.model.decoder = dict(ch=32, ch_mult=[1, 2, 2], num_res_blocks=0, attn_resolutions=[8],
+    c.model.decoder = dict(ch=16, ch_mult=[1, 2, 2], num_res_blocks=0, attn_resolutions=[8],
                            in_channels=64, latent=8, num_groups=8)
     c.model.disc = dict(ndf=16, n_layers=2, num_groups=8)
-    c.loss.update(lpips=0.0, gan_start=1000)   # no VGG weights here: LPIPS off
+    c.loss.update(lpips=0.0, gan_start=1800)   # no VGG weights here: LPIPS off
     c.eval.num_images = 128
     c.data.resolution = 32
-    c.data.batch_size = 32
+    c.data.batch_size = 16
     c.optim.update(lr=1e-3, warmup_steps=100, end_lr_ratio=0.1, weight_decay=1e-4)
     c.optim.groups.disc.update(lr=2e-4)
   return c

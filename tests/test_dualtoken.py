@@ -147,5 +147,5 @@ def test_eval_mode_writes_step0_and_trained(system, variables, tmp_path):
 def test_paper_config_names_missing_checkpoints():
   with pytest.raises(MissingCheckpoint, match="model.siglip_path.*model.lpips_vgg_path"):
     DualToken(config_lib.load(CONFIG))
-  c = config_lib.load(CONFIG, ["--config.model.init=random", "--config.loss.lpips=0"])
-  assert DualToken(c).cfg.vision.num_patches == 729
+  c = config_lib.load(CONFIG, ["--config.model.init=random"])   # AOT: no files needed
+  assert DualToken(c).cfg.vision.num_patches == 729 and DualToken(c).cfg.use_lpips

@@ -241,7 +241,11 @@ def load_release(path: str, vision_config: Optional[dict] = None, image_size: in
 def export_release(system, variables: dict, path: str, epoch: int = 0) -> str:
   """``path/config.json`` and ``path/epoch_{epoch}.pt`` in the release's layout from a
   trained system's variables (``{'params', 'codebook'}``)."""
-  import torch  # pylint: disable=import-outside-toplevel
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise vqgan.TorchMissing("writing the release's epoch_N.pt needs PyTorch "
+                             "(pip install torch)") from e
   cfg = system.cfg
   tensors = tokenizer_to_tensors(cfg, variables["params"]["tokenizer"],
                                  variables["codebook"]["tokenizer"])

@@ -102,8 +102,8 @@ class DualToken(System):
   def _check_checkpoints(self):
     m, missing = self.config.model, {}
     need = {"siglip": ["siglip_path"], "release": ["release_path"]}.get(m.init, [])
-    if self.cfg.use_lpips:
-      need += ["lpips_vgg_path"]
+    if self.cfg.use_lpips and (m.init != "random" or m.lpips_vgg_path):
+      need += ["lpips_vgg_path"]    # init=random without it: a random VGG (AOT, smoke tests)
     for field in need:
       path = m[field]
       if not path or not os.path.exists(path):
@@ -144,7 +144,7 @@ class DualToken(System):
       params, codebook = checkpoint.load_into_params(self, params, m.release_path)
       variables = {**variables, "codebook": codebook}
     params["teacher"] = tok["tower"] if m.init != "release" else params["tokenizer"]["tower"]
-    if self.cfg.use_lpips:   # ~15M frozen parameters, read on the host (init constants)
+    if self.cfg.use_lpips and m.lpips_vgg_path:   # ~15M frozen params read on the host
       loaded = lpips_lib.load_lpips(m.lpips_vgg_path, m.lpips_lin_path or None)
       params["lpips"] = jax.tree.map(
           lambda box, v: box.replace_boxed(jnp.asarray(v)) if isinstance(box, nn.Partitioned)
