@@ -69,8 +69,6 @@ def get_config(arg=None):
                  schedule="cosine", end_lr_ratio=0.0, clip_norm=0.0)
   c.optim.groups.disc = ConfigDict(dict(lr=7.2e-5, b1=0.5, b2=0.9, weight_decay=0.0,
                                         warmup_steps=0, schedule="constant"))
-  # the decoder's and discriminator's conv channels shard like the transformer's widths
-  c.logical_rules = list(c.logical_rules) + [["conv_in", None], ["conv_out", "fsdp"]]
 
   if "first_release" in presets:   # SigLIP-so400m, no shortcut, 32768 x 256 codes
     c.model.shortcut_scale = 0.0

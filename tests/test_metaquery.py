@@ -3,7 +3,6 @@ connector as the spec states it, the paper config (shapes, missing checkpoints n
 pretrained weights loaded) and its presets. Training: test_metaquery_train.py; sampling:
 test_metaquery_sampling.py."""
 import math
-import os
 
 import flax.linen as nn
 import jax
@@ -18,25 +17,7 @@ from mmjax.systems.metaquery.bridge import Connector, ConnectorConfig, MetaQuery
 from mmjax.systems.metaquery.prompt import PromptFormat
 from mmjax.systems.metaquery.system import MetaQuery
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "configs", "metaquery.py")
-
-# a very small bridge: 1-layer MLLM, 4 queries, 1-layer connector, 1-block DiT at 16px
-TINY = ["--config.model.num_queries=4", "--config.model.prompt_len=8",
-        "--config.model.connector_layers=1", "--config.model.connector_head_dim=16",
-        "--config.mllm.hf_config.num_hidden_layers=1",
-        "--config.mllm.hf_config.hidden_size=32", "--config.mllm.hf_config.intermediate_size=64",
-        "--config.decoder.dit.num_layers=1", "--config.decoder.dit.num_attention_heads=1",
-        "--config.decoder.dit.num_cross_attention_heads=1",
-        "--config.decoder.dit.caption_channels=24", "--config.decoder.dit.attention_head_dim=32",
-        "--config.decoder.dit.cross_attention_head_dim=32",
-        "--config.decoder.dit.cross_attention_dim=32",
-        "--config.data.resolution=16", "--config.data.batch_size=8",
-        "--config.sample.num_steps=3", "--config.scan_layers=False"]
-
-
-def tiny(*overrides):
-  return MetaQuery(mcfg.load(CONFIG + ":demo", TINY + list(overrides)))
+from metaquery_helpers import CONFIG, tiny
 
 
 @pytest.fixture(scope="module")

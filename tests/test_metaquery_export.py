@@ -18,25 +18,8 @@ from mmjax.systems.metaquery.bridge import MetaQueryModel
 from mmjax.systems.metaquery.export import export
 from mmjax.systems.metaquery.system import MetaQuery
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "configs", "metaquery.py")
-# a very small bridge (as test_metaquery.py's): 1-layer MLLM, 4 queries, 1-layer connector,
-# 1-block DiT at 16px
-TINY = ["--config.model.num_queries=4", "--config.model.prompt_len=8",
-        "--config.model.connector_layers=1", "--config.model.connector_head_dim=16",
-        "--config.mllm.hf_config.num_hidden_layers=1",
-        "--config.mllm.hf_config.hidden_size=32", "--config.mllm.hf_config.intermediate_size=64",
-        "--config.decoder.dit.num_layers=1", "--config.decoder.dit.num_attention_heads=1",
-        "--config.decoder.dit.num_cross_attention_heads=1",
-        "--config.decoder.dit.caption_channels=24", "--config.decoder.dit.attention_head_dim=32",
-        "--config.decoder.dit.cross_attention_head_dim=32",
-        "--config.decoder.dit.cross_attention_dim=32",
-        "--config.data.resolution=16", "--config.data.batch_size=8",
-        "--config.sample.num_steps=3", "--config.scan_layers=False"]
+from metaquery_helpers import CONFIG, ROOT, TINY, tiny
 
-
-def tiny(*overrides):
-  return MetaQuery(mcfg.load(CONFIG + ":demo", TINY + list(overrides)))
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import metaquery_to_torch as mqt  # noqa: E402

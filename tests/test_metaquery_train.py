@@ -1,7 +1,6 @@
 """MetaQuery training: condition dropout to the empty prompt, the frozen MLLM through the real
 trainer (bitwise unchanged, no optimizer state, counts logged), the analytic FLOPs against
 XLA's count."""
-import os
 
 import jax
 import jax.numpy as jnp
@@ -10,25 +9,7 @@ import numpy as np
 from mmjax import config as mcfg
 from mmjax.systems.metaquery.system import MetaQuery
 
-CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                      "metaquery.py")
-# a very small bridge (as test_metaquery.py's): 1-layer MLLM, 4 queries, 1-layer connector,
-# 1-block DiT at 16px
-TINY = ["--config.model.num_queries=4", "--config.model.prompt_len=8",
-        "--config.model.connector_layers=1", "--config.model.connector_head_dim=16",
-        "--config.mllm.hf_config.num_hidden_layers=1",
-        "--config.mllm.hf_config.hidden_size=32", "--config.mllm.hf_config.intermediate_size=64",
-        "--config.decoder.dit.num_layers=1", "--config.decoder.dit.num_attention_heads=1",
-        "--config.decoder.dit.num_cross_attention_heads=1",
-        "--config.decoder.dit.caption_channels=24", "--config.decoder.dit.attention_head_dim=32",
-        "--config.decoder.dit.cross_attention_head_dim=32",
-        "--config.decoder.dit.cross_attention_dim=32",
-        "--config.data.resolution=16", "--config.data.batch_size=8",
-        "--config.sample.num_steps=3", "--config.scan_layers=False"]
-
-
-def tiny(*overrides):
-  return MetaQuery(mcfg.load(CONFIG + ":demo", TINY + list(overrides)))
+from metaquery_helpers import CONFIG, TINY, tiny
 
 
 def _params(system):
@@ -90,18 +71,3 @@ def test_trainer_keeps_the_mllm_bitwise_and_trains_the_queries(tmp_path, capsys)
   n_train, n_frozen = opt.counts(after)
   assert n_frozen == n_mllm and f"{n_train:,} trainable, {n_frozen:,} frozen" in out
   assert np.isfinite(result.metrics["loss"]) and result.metrics["mfu"] is not None
-
-
-def test_flops_per_step_agrees_with_xla():
-  """The analytic count (frozen MLLM at 4x, the rest at 6x) vs XLA's count of the grad."""
-  system = tiny()
-  params = _params(system)
-  batch = _batch(system, ["a red circle"] * 8)
-  mask = system.trainable_mask(params)
-  train = {k: v for k, v in params.items() if all(jax.tree.leaves(mask[k]))}
-  frozen = {k: v for k, v in params.items() if k not in train}
-  grad = jax.jit(jax.grad(lambda t: system.loss({**t, **frozen}, batch, jax.random.key(0))[0]))
-  cost = grad.lower(train).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  ratio = system.flops_per_step(8) / cost["flops"]
-  assert 0.6 < ratio < 1.4, ratio

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from mmjax.interop import load_hf, save_hf
 from mmjax.models.lm import greedy_generate
 
-from reference_models import IDS, MASK, POS, max_diff, tiny_qwen2, torch_logits
+from reference_models import IDS, MASK, max_diff, tiny_qwen2, torch_logits
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_logits_match_transformers(tmp_path, tie):

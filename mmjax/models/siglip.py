@@ -85,6 +85,32 @@ class MapHead(nn.Module):
     return (h + y)[:, 0]                                                    # [b, embed]
 
 
+def embed_patches(module: nn.Module, cfg: SiglipConfig, images):
+  """SigLIP's embeddings inside ``module``'s compact method (params ``patch_embed_kernel``,
+  ``patch_embed_bias``, ``pos_embed``): the stride-p patch convolution, VALID (torch
+  ``Conv2d(stride=p)``, no padding: a side that is not a multiple of p loses its last
+  ``side % p`` pixels, 384 / 14 -> 27 patches), plus learned positions. ``[b, patches, d]``."""
+  c = cfg.stack
+  b, h, w, ch = images.shape
+  p, g = cfg.patch_size, cfg.grid
+  if (h, w, ch) != (cfg.image_size, cfg.image_size, cfg.num_channels):
+    raise ValueError(f"images {images.shape[1:]} do not match the tower's "
+                     f"{(cfg.image_size, cfg.image_size, cfg.num_channels)}")
+  kernel = module.param("patch_embed_kernel", nn.with_logical_partitioning(
+      nn.initializers.normal(c.init_std), (None, None, None, "embed")), (p, p, ch, c.d_model),
+      c.param_dtype)
+  bias = module.param("patch_embed_bias", nn.with_logical_partitioning(
+      nn.initializers.zeros, ("embed",)), (c.d_model,), c.param_dtype)
+  pos = module.param("pos_embed", nn.with_logical_partitioning(
+      nn.initializers.normal(c.init_std), (None, "embed")), (cfg.num_patches, c.d_model),
+      c.param_dtype)
+  x = jax.lax.conv_general_dilated(
+      images.astype(c.dtype), kernel.astype(c.dtype), window_strides=(p, p), padding="VALID",
+      dimension_numbers=("NHWC", "HWIO", "NHWC")).reshape(b, g * g, -1)
+  x = x + bias.astype(c.dtype) + pos.astype(c.dtype)[None]
+  return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+
+
 class SiglipVision(nn.Module):
   """``apply({'params': p}, images [b, H, W, C], output_hidden_states=False)`` -> dict with
   ``encoder_output [b, patches, embed]`` (the last layer's output before the post-LayerNorm,
@@ -97,26 +123,7 @@ class SiglipVision(nn.Module):
   @nn.compact
   def __call__(self, images, output_hidden_states: bool = False, deterministic: bool = True):
     cfg, c = self.config, self.config.stack
-    b, h, w, ch = images.shape
-    p, g = cfg.patch_size, cfg.grid
-    if (h, w, ch) != (cfg.image_size, cfg.image_size, cfg.num_channels):
-      raise ValueError(f"images {images.shape[1:]} do not match the tower's "
-                       f"{(cfg.image_size, cfg.image_size, cfg.num_channels)}")
-    kernel = self.param("patch_embed_kernel", nn.with_logical_partitioning(
-        nn.initializers.normal(c.init_std), (None, None, None, "embed")), (p, p, ch, c.d_model),
-        c.param_dtype)
-    bias = self.param("patch_embed_bias", nn.with_logical_partitioning(
-        nn.initializers.zeros, ("embed",)), (c.d_model,), c.param_dtype)
-    pos = self.param("pos_embed", nn.with_logical_partitioning(
-        nn.initializers.normal(c.init_std), (None, "embed")), (cfg.num_patches, c.d_model),
-        c.param_dtype)
-    # the stride-p patch convolution, VALID (torch Conv2d(stride=p), no padding): a side that
-    # is not a multiple of p loses its last ``side % p`` pixels (384 / 14 -> 27 patches)
-    x = jax.lax.conv_general_dilated(
-        images.astype(c.dtype), kernel.astype(c.dtype), window_strides=(p, p), padding="VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC")).reshape(b, g * g, -1)
-    x = x + bias.astype(c.dtype) + pos.astype(c.dtype)[None]
-    x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+    x = embed_patches(self, cfg, images)
     last = core.TransformerStack(c, name="encoder")(
         x, mask=None, deterministic=deterministic, return_hidden_states=output_hidden_states)
     if output_hidden_states:

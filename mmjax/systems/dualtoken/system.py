@@ -41,7 +41,6 @@ from mmjax.models import lpips as lpips_lib, patchgan, rvq, siglip, vqgan
 from mmjax.systems.base import System
 from mmjax.systems.dualtoken import eval as dt_eval
 from mmjax.systems.dualtoken.model import DualTokenConfig, DualTokenModel
-from mmjax.train import flops as fl
 from mmjax.train.objectives import Objective, layer_grads, starts_at
 
 INITS = ("random", "siglip", "release")

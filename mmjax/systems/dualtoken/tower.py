@@ -48,7 +48,7 @@ import jax.numpy as jnp
 
 from mmjax import core
 from mmjax.core.transformer import LAYERS
-from mmjax.models.siglip import MapHead, SiglipConfig
+from mmjax.models.siglip import MapHead, SiglipConfig, embed_patches
 
 PARTS = ("all", "features", "head")
 ACT = ("act_batch", "act_length", "act_embed")
@@ -92,27 +92,8 @@ class DualTokenTower(nn.Module):
     return self(semantic_like, part="head", deterministic=deterministic)
 
   def _embed(self, images):
-    """SigLIP's patch embedding (VALID stride-``patch`` convolution) plus positions, with
-    ``SiglipVision``'s parameter names and maths."""
-    cfg, c = self.config, self.config.stack
-    b, h, w, ch = images.shape
-    p, g = cfg.patch_size, cfg.grid
-    if (h, w, ch) != (cfg.image_size, cfg.image_size, cfg.num_channels):
-      raise ValueError(f"images {images.shape[1:]} do not match the tower's "
-                       f"{(cfg.image_size, cfg.image_size, cfg.num_channels)}")
-    kernel = self.param("patch_embed_kernel", nn.with_logical_partitioning(
-        nn.initializers.normal(c.init_std), (None, None, None, "embed")), (p, p, ch, c.d_model),
-        c.param_dtype)
-    bias = self.param("patch_embed_bias", nn.with_logical_partitioning(
-        nn.initializers.zeros, ("embed",)), (c.d_model,), c.param_dtype)
-    pos = self.param("pos_embed", nn.with_logical_partitioning(
-        nn.initializers.normal(c.init_std), (None, "embed")), (cfg.num_patches, c.d_model),
-        c.param_dtype)
-    x = jax.lax.conv_general_dilated(
-        images.astype(c.dtype), kernel.astype(c.dtype), window_strides=(p, p), padding="VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC")).reshape(b, g * g, -1)
-    x = x + bias.astype(c.dtype) + pos.astype(c.dtype)[None]
-    return nn.with_logical_constraint(x, ACT)
+    """SigLIP's patch embedding plus positions (``siglip.embed_patches``: its names, maths)."""
+    return embed_patches(self, self.config, images)
 
   @nn.compact
   def __call__(self, x, part: str = "all", deterministic: bool = True):
