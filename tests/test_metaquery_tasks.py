@@ -25,6 +25,8 @@ from mmjax.systems.metaquery.bridge import MetaQueryModel, depth_to_space
 from mmjax.systems.metaquery.prompt import PromptFormat
 from mmjax.systems.metaquery.system import MetaQuery
 
+from reference_models import TEMPLATE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "metaquery.py")
 H = "--config.mllm.hf_config."
@@ -45,18 +47,6 @@ TINY = ["--config.model.num_queries=4", "--config.model.connector_layers=1",
         "--config.data.resolution=16", "--config.data.batch_size=4",
         "--config.sample.num_steps=2", "--config.scan_layers=False"]
 PROMPT_LEN = {"reconstruct": 8, "edit": 16, "instruct": 32}
-# LLaVA-OneVision's chat template (as the tiny checkpoints of test_models_llava_onevision.py)
-TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>' }}{% endfor %}"
-    "{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ '\\n' + content['text'] }}{% endfor %}"
-    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ '\\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
-    "{{'<|im_end|>\\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 def _walk(jaxpr):

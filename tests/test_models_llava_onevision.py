@@ -10,6 +10,8 @@ import jax.numpy as jnp
 from mmjax.interop import load_hf, save_hf
 from mmjax.models import anyres
 
+from reference_models import TEMPLATE
+
 PINS = [[28, 28], [28, 56], [56, 28], [56, 56]]
 IMAGE_TOKEN = 60
 
@@ -77,18 +79,6 @@ def test_logits_with_an_anyres_image_match_transformers(tmp_path, aspect):
   assert np.abs(again - ref).max() <= 1e-5
 
 
-# the chat template of the llava-hf LLaVA-OneVision checkpoints (images first, then text)
-TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>' }}{% endfor %}"
-    "{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ '\\n' + content['text'] }}{% endfor %}"
-    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ '\\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
-    "{{'<|im_end|>\\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 def test_processor_matches_transformers(tmp_path):

@@ -92,6 +92,17 @@ class TinyMLP(base.System):
 base.register("tiny_mlp", "train_helpers:TinyMLP")
 
 
+def set_fields(c, overrides: dict):
+  """``c`` with ``{'a.b': value}`` fields set (dotted paths)."""
+  for k, v in overrides.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
 def tiny_config(**overrides):
   """A base config for TinyMLP: 8-example batches, constant-ish lr, small everything."""
   c = base_config()
@@ -106,13 +117,7 @@ def tiny_config(**overrides):
   c.optim.warmup_steps = 2
   c.optim.weight_decay = 0.01
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return set_fields(c, overrides)
 
 
 def random_batch(batch_size, seed=0):
@@ -252,13 +257,7 @@ def toy_tokenizer_config(**overrides):
   c.model = dict(hidden=32, nan_after=0, slow_data=0.0, disc_start=3, disc_nan_at=0)
   c.optim.groups.disc = ConfigDict(dict(lr=3e-3, b1=0.5, b2=0.9, weight_decay=0.0,
                                         warmup_steps=0, schedule="constant"))
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return set_fields(c, overrides)
 
 
 class DeterministicMLP(TinyMLP):
