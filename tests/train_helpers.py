@@ -21,16 +21,20 @@ from mmjax.systems import base
 FEATURES = 16
 
 
+def dense(n, names, name):
+  """A Dense layer with logical names on its kernel (``names``) and bias (the last one)."""
+  return nn.Dense(
+      n, name=name,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]))
+
+
 class MLP(nn.Module):
   hidden: int
   probe: bool = False
 
   @nn.compact
   def __call__(self, x):
-    dense = lambda n, names, name: nn.Dense(
-        n, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]))
     x = nn.with_logical_constraint(x, ("act_batch", "act_embed"))
     h = jax.nn.gelu(dense(self.hidden, ("embed", "mlp"), "fc1")(x))
     h = nn.with_logical_constraint(h, ("act_batch", "act_mlp"))
@@ -140,10 +144,6 @@ class ToyVQ(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    dense = lambda n, names, name: nn.Dense(
-        n, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]))
     z = dense(CODE_DIM, ("embed", "mlp"), "enc")(x)
     boxed = lambda init, names, shape: lambda: nn.with_logical_partitioning(init, names)(
         self.make_rng("params"), shape)
