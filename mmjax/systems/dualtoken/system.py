@@ -27,7 +27,6 @@ handed on, scaled by 0.75, from the same step.
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import flax.linen as nn
@@ -259,7 +258,3 @@ def random_resized_crop(image: np.ndarray, size: int, scale: tuple, rng) -> np.n
   top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
   return image_ops.resize(image[top:top + side, left:left + side], size)
 
-
-def read_json(path: str) -> dict:
-  with open(os.path.join(path, "config.json")) as f:
-    return json.load(f)
