@@ -4,7 +4,9 @@ a traceback; everything else is a bug and keeps its traceback.
 * ``ConfigError``        a config field, preset or value that does not exist or does not fit
   (``UnknownField``, ``UnknownPreset``: both suggest the closest known name);
 * ``MissingCheckpoint``  pretrained weights a config needs are not where it says (names each);
-* ``NoCheckpoint``       a mode that needs a trained checkpoint found none in the workdir.
+* ``NoCheckpoint``       a mode that needs a trained checkpoint found none in the workdir;
+* ``DataInputError``, ``MissingDataInput``  data the converter (``mmjax.data.convert``)
+  cannot use: a malformed captions file or row, an image or tar that does not exist.
 """
 from __future__ import annotations
 
@@ -54,6 +56,14 @@ class MissingCheckpoint(MmjaxError, FileNotFoundError):
 
 class NoCheckpoint(MmjaxError, FileNotFoundError):
   """A mode that needs trained parameters found no checkpoint in the workdir."""
+
+
+class DataInputError(MmjaxError, ValueError):
+  """Data to convert that cannot be used (a malformed captions file, row or sample)."""
+
+
+class MissingDataInput(MmjaxError, FileNotFoundError):
+  """Data to convert that does not exist (a captions file, an image, no tar matching)."""
 
 
 def parse_presets(arg: str | None, known: Sequence[str], file: str) -> list[str]:

@@ -3,8 +3,9 @@ pipelines.
 
 Modules: ``shapes`` (procedural world + ground truth), ``tokenizer`` (shapes-world word
 tokenizer), ``image`` (decode / resize / crop / normalise), ``sources`` (converters to
-ArrayRecord, ArrayRecord and TFDS sources), ``pipeline`` (seeded, per-host, checkpointable
-Grain iterators).
+ArrayRecord, ArrayRecord and TFDS sources), ``convert`` (their command line:
+``python -m mmjax.data.convert``), ``pipeline`` (seeded, per-host, checkpointable Grain
+iterators).
 """
 
 
