@@ -19,6 +19,12 @@ and prints the speed / quality table (caption accuracy and latency per sample at
   python launch/tpu.py --config configs/lavida.py:demo --workdir /tmp/lavida
   python launch/tpu.py --config configs/lavida.py:demo --workdir /tmp/lavida --mode export
 
+From a LaViDa checkpoint as released (or as ``--mode export`` writes it), e.g. stage 3 (FIM)
+from LaViDa-L; its directory also gives the tokenizer:
+
+  python launch/tpu.py --config configs/lavida.py:stage3 --workdir gs://bucket/lavida-fim \
+      --config.model.init_from=/ckpt/lavida-llada-v1.0-instruct ...
+
 Compile-only pod check (no checkpoints needed):
 
   python launch/aot.py --config configs/lavida.py:stage2 --topology v5p:4x4x4 \
@@ -63,10 +69,14 @@ def get_config(arg=None):
   c.model = dict(
       stage=stage,               # 1 projector only | 2 everything | 3 everything + FIM
       backbone="llada",          # llada (LaViDa-L) | dream (LaViDa-D)
-      init="pretrained",         # pretrained: load llm_path / vision_path | random
+      init="pretrained",         # pretrained: load init_from, else llm_path / vision_path |
+                                 # random (the architecture only, e.g. for AOT)
+      init_from="",              # a LaViDa checkpoint (a release or --mode export): its LM,
+                                 # tower, projector and grid pinpoints; then llm_path,
+                                 # vision_path, llm_config, vision_config are unused
       llm_path="",               # LLaDA-8B-Instruct (or Dream-7B) transformers directory
       vision_path="",            # siglip-so400m-patch14-384 directory
-      tokenizer_path="",         # tokenizer.json directory ("" = llm_path)
+      tokenizer_path="",         # tokenizer.json directory ("" = init_from, else llm_path)
       llm_config=LLADA_8B,       # architecture when llm_path is not used (random init / AOT)
       vision_config=SIGLIP_SO400M,
       vision_feature_layer=-2,   # SigLIP's penultimate layer
@@ -74,7 +84,6 @@ def get_config(arg=None):
       pool=True,                 # bilinear 27 -> 14 per view after the projector
       prompt="llada",            # chat template: llada | dream | shapes (the demo)
       question="Describe the image.",  # user turn when a record has no 'question'
-      image_token_id=126087,     # prompt placeholder: LLaDA <|reserved_token_3|>
       max_prompt_text=128,       # prompt text tokens (template + question), left padded
       answer_len=256,            # answer slot: answer + supervised EOS padding
       extra_pad=(-128, 128),     # EOS pad beyond the answer: max(0, U[lo, hi))
@@ -122,7 +131,7 @@ def get_config(arg=None):
     c.optim.warmup_steps = c.total_steps * 3 // 100
     c.optim.lr_groups = [["vision_tower/.*", 0.1]]   # vision 2e-6
   if "dream" in presets:
-    c.model.update(backbone="dream", prompt="dream", image_token_id=151655)  # <|image_pad|>
+    c.model.update(backbone="dream", prompt="dream")
     c.model.llm_config = DREAM_7B
 
   if "demo" in presets:

@@ -106,8 +106,11 @@ LLADA_CHAT = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['ro
               "<|end_header_id|>\n\n{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
               "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>"
               "\n\n{% endif %}")
-DREAM_CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Dream's (Qwen2.5's) ChatML with its default system message when none is given
+DREAM_CHAT = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful "
+              "assistant.<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>"
+              "{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def byte_bpe(special, texts):
@@ -124,36 +127,54 @@ def byte_bpe(special, texts):
 
 @pytest.mark.parametrize("kind", ["llada", "dream"])
 def test_chat_template_matches_transformers(kind):
-  """The prompt ids (placeholder at the start of the user turn, then the question) equal
-  transformers' ``apply_chat_template`` on the same conversation: LLaDA's LLaMA-3 headers
-  with LaViDa's system prompt, Dream's ChatML. A tokenizer without the markers is an error."""
+  """The prompt ids (image slots at LaViDa's -200 sentinel where the user turn's ``<image>``
+  is, then the question) and prompt + answer + its end marker equal transformers'
+  ``apply_chat_template`` of the same conversation with LaViDa's system message: LLaDA's
+  LLaMA-3 headers (one ``<|startoftext|>`` although this tokenizer adds one itself), Dream's
+  ChatML (LaViDa's message replaces Dream's default; answers end ``<|im_end|>\\n``). A
+  tokenizer without the markers is an error."""
+  from tokenizers import processors
   from transformers import PreTrainedTokenizerFast
   if kind == "llada":
     special = ["<|startoftext|>", "<|endoftext|>", "<|start_header_id|>", "<|end_header_id|>",
                "<|eot_id|>", "<image>"]
-    system_prompt, template = ld.LLADA_SYSTEM, LLADA_CHAT
+    template, end = LLADA_CHAT, ["<|eot_id|>"]
   else:
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|fim_middle|>", "<|fim_pad|>",
                "<image>"]
-    system_prompt, template = "You are a helpful assistant.", DREAM_CHAT
-  tok = byte_bpe(special, [system_prompt, "Describe the image.\nuser assistant system"])
-  image_id = tok.token_to_id("<image>")
-  prompter = getattr(ld.Prompter, kind)(tok, image_id, question="Describe the image.")
+    template, end = DREAM_CHAT, ["<|im_end|>", "\n"]
+  answer = "two red circles"
+  tok = byte_bpe(special, [ld.LAVIDA_SYSTEM, "Describe the image.\nuser assistant system",
+                           answer])
+  if kind == "llada":          # LLaDA's tokenizer adds <|startoftext|> to what it encodes
+    bos = tok.token_to_id("<|startoftext|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A", special_tokens=[("<|startoftext|>", bos)])
+    assert tok.encode("a").ids[0] == bos
+  prompter = getattr(ld.Prompter, kind)(tok, question="Describe the image.")
   ids, mask = prompter.prompt(None, image_slots=3, max_text=200)
   ours = ids[mask].tolist()
   ref = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>"
                                 if kind == "llada" else None)
-  messages = [{"role": "system", "content": system_prompt},
+  messages = [{"role": "system", "content": ld.LAVIDA_SYSTEM},
               {"role": "user", "content": "<image>\nDescribe the image."}]
-  want = ref.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
-                                 tokenize=True, return_dict=False)
-  want = [i for w in want for i in ([image_id] * 3 if w == image_id else [w])]
-  assert ours == want
-  assert prompter.answer_end == [tok.token_to_id("<|eot_id|>" if kind == "llada"
-                                                 else "<|im_end|>")]
+  chat = lambda msgs, gen: ref.apply_chat_template(msgs, chat_template=template,
+                                                   add_generation_prompt=gen, tokenize=True,
+                                                   return_dict=False)
+  image_id = tok.token_to_id("<image>")
+  expand = lambda ids: [i for w in ids for i in ([ld.IMAGE_TOKEN_INDEX] * 3 if w == image_id
+                                                 else [w])]
+  assert ours == expand(chat(messages, True))
+  if kind == "llada":
+    assert ours.count(bos) == 1 and ours[0] == bos
+  whole = expand(chat(messages + [{"role": "assistant", "content": answer}], False))
+  answer_ids = np.concatenate(prompter.answer_words(answer)).tolist()
+  assert ours + answer_ids + prompter.answer_end == whole
+  assert prompter.answer_end == [t for e in end for t in tok.encode(
+      e, add_special_tokens=False).ids]
   with pytest.raises(ValueError, match=r"no <\|start_header_id\|>"):
     ld.Prompter.llada(byte_bpe(["<|startoftext|>", "<|eot_id|>", "<|end_header_id|>"],
-                               ["a b"]), 0)
+                               ["a b"]))
 
 
 def test_preprocess_pads_answers_with_supervised_eos(system):

@@ -1,10 +1,12 @@
 """LaViDa through the real trainer (stage 1 trains the projector only), stage presets and
 checkpoint errors, and export to LaViDa's checkpoint layout with a reload."""
+import dataclasses
 import json
 import os
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -13,7 +15,7 @@ from safetensors import safe_open
 from mmjax import config as mcfg
 from mmjax import parallel
 from mmjax.errors import ConfigError, MissingCheckpoint
-from mmjax.systems.lavida.checkpoint import load_export
+from mmjax.systems.lavida.checkpoint import load_export, to_hf_config
 from mmjax.systems.lavida.system import Lavida
 from mmjax.train import loop
 from mmjax.train.checkpoint import Checkpointer
@@ -113,11 +115,16 @@ def test_paper_config_builds_at_random_init():
   abstract = jax.eval_shape(system.init, jax.random.PRNGKey(0), system.dummy_batch(1))
   n = sum(np.prod(x.shape) for x in jax.tree.leaves(abstract))
   assert 8.3e9 < n < 8.6e9       # 8.0B LLaDA + 0.4B SigLIP + 21M projector
+  hf = to_hf_config(system.model_cfg)        # the release's config.json: so400m needs no more
+  assert "vision_config" not in hf and "image_token_index" not in hf
+  assert hf["mm_vision_tower"] == "google/siglip-so400m-patch14-384"
   with pytest.raises(ValueError, match="tokenizer"):
     system.preprocess({"image": np.zeros((8, 8, 3), np.uint8), "caption": "x"}, None)
 
 
 def test_export_layout_and_reload(tmp_path):
+  """``--mode export``: LaViDa's layout in bf16 (the demo's 4-head tower is not so400m-shaped,
+  so its ``vision_config`` is written too; never an image token id) and a reload."""
   system = tiny_system()
   params = random_params(system, seed=3)
   path = system.modes()["export"](params, str(tmp_path))      # --mode export
@@ -125,8 +132,10 @@ def test_export_layout_and_reload(tmp_path):
     hf = json.load(f)
   assert hf["model_type"] == "llava_llada" and hf["mm_projector_type"] == "mlp2x_gelu"
   assert hf["image_aspect_ratio"] == "anyres" and hf["mm_spatial_pool_mode"] == "bilinear"
+  assert hf["vision_config"]["num_attention_heads"] == 4 and "image_token_index" not in hf
   with safe_open(os.path.join(path, "model.safetensors"), "np") as f:
     names = set(f.keys())
+    assert all(str(f.get_tensor(k).dtype) == "bfloat16" for k in names)
   for name in ("model.transformer.wte.weight", "model.transformer.blocks.0.q_proj.weight",
                "model.transformer.blocks.0.ff_proj.weight", "model.transformer.ff_out.weight",
                "model.mm_projector.0.weight", "model.mm_projector.2.bias",
@@ -135,12 +144,14 @@ def test_export_layout_and_reload(tmp_path):
     assert name in names, name
   assert os.path.exists(os.path.join(path, "tokenizer.json"))
   model, loaded = load_export(path)
-  assert model.config == system.model_cfg
-  ours, theirs = _flat(params), _flat(loaded)
+  no_extra = lambda c: dataclasses.replace(c, hf_extra="{}")
+  assert no_extra(model.config) == no_extra(system.model_cfg)
+  rounded = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16).astype(np.float32), params)
+  ours, theirs = _flat(rounded), _flat(loaded)
   assert set(ours) == set(theirs)
   for k in ours:
     np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
   batch = shapes_batch(system, 2, rng=None)
   apply = jax.jit(lambda p: model.apply({"params": p}, batch["tokens"], batch["images"],
                                         batch["image_index"]))
-  np.testing.assert_allclose(np.asarray(apply(loaded)), np.asarray(apply(params)), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(apply(loaded)), np.asarray(apply(rounded)), atol=1e-6)

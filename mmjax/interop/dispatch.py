@@ -62,12 +62,13 @@ def resolve(path: str, kind: Optional[str] = None) -> tuple[str, Family, dict]:
                                f"{class_name!r}; {known()}")
     return "diffusers", diffusers_io.family_module(class_name).DIFFUSERS_FAMILY, ref
   try:
-    return "hf", hf.family_for_config(ref), ref
+    family = hf.family_for_config(ref)
   except ValueError as e:
     what = (f"diffusers class {class_name!r}" if class_name else
             f"model_type {ref.get('model_type')!r} (architectures "
             f"{list(ref.get('architectures') or ())})")
     raise UnknownModelFormat(f"{path}: no mmjax family loads {what}; {known()}") from e
+  return "hf", family, family.complete_config(ref, path)
 
 
 def open_checkpoint(kind: str, path: str, family: Family, cfg) -> hf.Checkpoint:

@@ -326,6 +326,7 @@ def load_hf(path: str, mesh: Optional[jax.sharding.Mesh] = None, rules=None, *,
   """
   hf_config = read_config(path)
   family = family_for_config(hf_config)
+  hf_config = family.complete_config(hf_config, path)
   cfg = family.from_hf_config(hf_config, param_dtype=param_dtype, **config_overrides)
   return load_params(family, cfg, Checkpoint(path, tuple(family.renames(cfg))), mesh, rules)
 

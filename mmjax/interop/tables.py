@@ -200,6 +200,9 @@ class Family:
   (e.g. a tied ``lm_head.weight``, rotary buffers).
   renames(our config) -> ``(regex, replacement)`` pairs applied to checkpoint names before
   matching, for older layouts of the same weights (e.g. a ``vision_model.`` prefix).
+  complete_config(reference config, directory) -> the config with what a layout leaves to
+  its weights filled in, before ``from_hf_config`` (LaViDa's release names no vision tower
+  config: its sizes come from the tensors' shapes).
   """
   name: str
   model_types: tuple
@@ -211,3 +214,4 @@ class Family:
   table: Callable
   ignore: Callable = lambda cfg: ()
   renames: Callable = lambda cfg: ()
+  complete_config: Callable = lambda ref, path: ref

@@ -13,10 +13,12 @@ produces fixed shapes so one compiled train step serves every image size:
   ``tests/test_lavida.py`` checks the two agree.) Stage 1 uses the base view alone, unpooled,
   without newline.
 * **Prompt** (`Prompter`): the chat template around one ``<image>`` placeholder, expanded to
-  ``max_tokens`` image slots (slots past the image's own token count are padding), left
-  padded to the prompt length. LLaDA: LLaMA-3 headers with ``<|eot_id|>`` and LaViDa's fixed
-  system prompt; Dream: Qwen's ``<|im_start|>``; the shapes demo: marker tokens of the
-  shapes-world tokenizer standing in for the headers.
+  ``max_tokens`` image slots holding LaViDa's ``IMAGE_TOKEN_INDEX`` (-200; slots past the
+  image's own token count are padding), left padded to the prompt length. LLaDA: LLaMA-3
+  headers with ``<|eot_id|>``; Dream: Qwen's ``<|im_start|>``, answers end ``<|im_end|>\n``;
+  both with LaViDa's system message. The shapes demo: marker tokens of the shapes-world
+  tokenizer standing in for the headers. The template's special tokens are encoded without
+  the tokenizer's own additions (one BOS, even from a tokenizer that adds one).
 * **Answer**: the answer's tokens (stage 3: [S]/[FIM] segments from
   ``mmjax.data.masked_text.fim_insert``), the end-of-turn marker, then EOS padding that is
   *supervised*: the row is padded with EOS to ``answer + max(0, e)`` tokens,
@@ -53,10 +55,14 @@ from mmjax.models import anyres
 # LaViDa's anyres grid resolutions (height, width) for 384px views.
 GRID_PINPOINTS = ((384, 768), (768, 384), (768, 768), (1152, 384), (384, 1152))
 BASE_TILE = 384
-# LLaVA's "llada" conversation template (LaViDa): system prompt and LLaMA-3 style headers.
-LLADA_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand "
-                "the visual content that the user provides, and assist the user with a variety "
-                "of tasks using natural language.")
+# LaViDa's system message: its "llada" and "dream" conversation templates both use it (not
+# Dream's default "You are a helpful assistant.").
+LAVIDA_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand "
+                 "the visual content that the user provides, and assist the user with a variety "
+                 "of tasks using natural language.")
+# The image's place in the prompt ids: LLaVA's IMAGE_TOKEN_INDEX sentinel, no vocabulary id
+# (LaViDa's release has no image token; ``<image>`` only exists in a copy of its tokenizer).
+IMAGE_TOKEN_INDEX = -200
 PROMPT_KINDS = ("llada", "dream", "shapes")
 PAD_INDEX = -1        # image slot without a feature (the image has fewer tokens than max)
 
@@ -172,11 +178,13 @@ class Prompter:
 
   ``tokenizer`` is a ``tokenizers.Tokenizer``. Special ids: ``mask_id`` ([MASK]), ``eos_id``
   (EOS padding), ``fim_id`` / ``s_id`` (stage 3), ``image_id`` (placeholder, replaced by
-  image features), ``answer_end`` (ids closing the answer: ``<|eot_id|>`` for LLaDA).
+  image features: ``IMAGE_TOKEN_INDEX``), ``answer_end`` (ids closing the answer:
+  ``<|eot_id|>`` for LLaDA, ``<|im_end|>\n`` for Dream).
   """
 
   def __init__(self, kind: str, tokenizer, *, prefix: str, suffix: str, mask_id: int,
-               eos_id: int, fim_id: int, s_id: int, image_id: int, answer_end: Sequence[int],
+               eos_id: int, fim_id: int, s_id: int, answer_end: Sequence[int],
+               image_id: int = IMAGE_TOKEN_INDEX,
                bos: Sequence[int] = (), pad_id: Optional[int] = None,
                question: str = ""):
     if kind not in PROMPT_KINDS:
@@ -205,36 +213,38 @@ class Prompter:
     t = tok.token_id
     return cls("shapes", tok.tokenizer, prefix="<extra_1>", suffix="{question}<extra_3><extra_2>",
                mask_id=t("<mask>"), eos_id=tok.eos_id, fim_id=t("<extra_4>"),
-               s_id=t("<extra_5>"), image_id=t("<image>"), answer_end=[tok.eos_id],
+               s_id=t("<extra_5>"), answer_end=[tok.eos_id],
                bos=[tok.bos_id], pad_id=tok.pad_id, question=question)
 
   @classmethod
-  def llada(cls, tokenizer, image_id: int, question: str = "Describe the image.") -> "Prompter":
-    """LLaDA-8B-Instruct's tokenizer with LaViDa's conversation template; ``image_id`` is
-    the placeholder (a reserved id the text tokenizer never produces)."""
+  def llada(cls, tokenizer, question: str = "Describe the image.") -> "Prompter":
+    """LLaDA-8B-Instruct's tokenizer with LaViDa's "llada" conversation template: one
+    ``<|startoftext|>``, LLaMA-3 headers, LaViDa's system message; answers end
+    ``<|eot_id|>``."""
     t = _special_ids(tokenizer, "LLaDA-8B-Instruct", ("<|startoftext|>", "<|start_header_id|>",
                                                       "<|end_header_id|>", "<|eot_id|>"))
     head = lambda role: f"<|start_header_id|>{role}<|end_header_id|>\n\n"
     return cls("llada", tokenizer,
-               prefix=head("system") + LLADA_SYSTEM + "<|eot_id|>" + head("user"),
+               prefix=head("system") + LAVIDA_SYSTEM + "<|eot_id|>" + head("user"),
                suffix="\n{question}<|eot_id|>" + head("assistant"),
                mask_id=126336, eos_id=126081, fim_id=126085, s_id=126086,
-               image_id=image_id, answer_end=[t("<|eot_id|>")],
+               answer_end=[t("<|eot_id|>")],
                bos=[t("<|startoftext|>")], question=question)
 
   @classmethod
-  def dream(cls, tokenizer, image_id: int, question: str = "Describe the image.") -> "Prompter":
-    """Dream-7B's (Qwen2.5) tokenizer and chat template; [FIM] / [S] are Qwen's
-    ``<|fim_middle|>`` / ``<|fim_pad|>``; ``image_id`` is the placeholder."""
+  def dream(cls, tokenizer, question: str = "Describe the image.") -> "Prompter":
+    """Dream-7B's (Qwen2.5) tokenizer and ChatML template as LaViDa-Dream trains and infers
+    with it: LaViDa's system message in place of Dream's default, answers end
+    ``<|im_end|>\n``; [FIM] / [S] are Qwen's ``<|fim_middle|>`` / ``<|fim_pad|>``."""
     t = _special_ids(tokenizer, "Dream-v0-Instruct-7B", ("<|im_start|>", "<|im_end|>",
                                                          "<|fim_middle|>", "<|fim_pad|>"))
+    newline = list(tokenizer.encode("\n", add_special_tokens=False).ids)
     return cls("dream", tokenizer,
-               prefix="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-                      "<|im_start|>user\n",
+               prefix=f"<|im_start|>system\n{LAVIDA_SYSTEM}<|im_end|>\n<|im_start|>user\n",
                suffix="\n{question}<|im_end|>\n<|im_start|>assistant\n",
                mask_id=151666, eos_id=151643, fim_id=t("<|fim_middle|>"),
-               s_id=t("<|fim_pad|>"), image_id=image_id,
-               answer_end=[t("<|im_end|>")], question=question)
+               s_id=t("<|fim_pad|>"), answer_end=[t("<|im_end|>")] + newline,
+               question=question)
 
   # -- encoding -----------------------------------------------------------------------------
   def template_len(self) -> int:

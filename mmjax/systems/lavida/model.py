@@ -4,9 +4,9 @@ Every view of the image (base view + anyres grid crops, ``data.VisionGeometry``)
 SigLIP cut at its penultimate layer; the features are projected by the mlp2x_gelu projector
 *before* pooling, then bilinearly resized from ``g x g`` to ``ceil(g/2)`` per side (27 -> 14 at
 384px); the views' tokens are arranged as base view, then the grid picture with a learned
-``image_newline`` after each row, and spliced at the ``<image>`` placeholder slots of the chat
-prompt (LLaVA style). The language model is a bidirectional LLaDA (or Dream, with shifted
-logits) ``DecoderLM``.
+``image_newline`` after each row, and spliced at the image slots of the chat prompt (LLaVA
+style; the slots hold LaViDa's ``IMAGE_TOKEN_INDEX`` sentinel, -200, not a vocabulary id).
+The language model is a bidirectional LLaDA (or Dream, with shifted logits) ``DecoderLM``.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from mmjax.models import dream, llada, siglip
 from mmjax.models.image_tokens import splice
 from mmjax.models.lm import DecoderLM, LMConfig
-from mmjax.systems.lavida.data import VisionGeometry
+from mmjax.systems.lavida.data import IMAGE_TOKEN_INDEX, VisionGeometry
 
 BACKBONES = {"llada": llada, "dream": dream}     # model.backbone -> the LM's family module
 
@@ -32,7 +32,7 @@ class LavidaConfig:
   vision: siglip.SiglipConfig
   text: LMConfig
   geometry: VisionGeometry
-  image_token_id: int                  # the prompt's image placeholder id
+  image_token_id: int = IMAGE_TOKEN_INDEX   # the prompt's image slots (LaViDa's sentinel)
   projector_bias: bool = True
   hf_extra: str = "{}"                 # reference-config fields carried to export
   family: str = "lavida"
@@ -77,10 +77,12 @@ class LavidaModel(nn.Module):
     return jnp.take_along_axis(table, index[..., None], axis=1)
 
   def embed(self, tokens, images, image_index):
-    """Token embeddings with the image tokens spliced at the placeholders ``[b, T, d]``."""
-    x = self.language_model.embed(tokens)
+    """Token embeddings with the image tokens spliced at the placeholders ``[b, T, d]``
+    (the placeholder need not be a vocabulary id: its slots are looked up as id 0)."""
+    is_image = tokens == self.config.image_token_id
+    x = self.language_model.embed(jnp.where(is_image, 0, tokens))
     img = self.image_tokens(images, image_index).astype(x.dtype)
-    return splice(x, tokens == self.config.image_token_id, img.reshape(-1, img.shape[-1]))
+    return splice(x, is_image, img.reshape(-1, img.shape[-1]))
 
   def __call__(self, tokens, images, image_index, attention_mask=None):
     x = self.embed(tokens, images, image_index)

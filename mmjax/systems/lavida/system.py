@@ -2,8 +2,9 @@
 
 **Model** (``model.py``). LLaDA (LaViDa-L) or Dream (LaViDa-D) with SigLIP anyres vision: the
 image tokens -- each view's penultimate SigLIP features, projected, pooled, base view then the
-grid picture with a newline after each row -- are spliced into the chat prompt at its
-``<image>`` slots.
+grid picture with a newline after each row -- are spliced into the chat prompt at its image
+slots (LaViDa's -200 sentinel). ``model.init_from`` starts from a LaViDa checkpoint as
+released (``checkpoint.py``).
 
 **Training** (`Lavida.loss`). A caption or answer follows the prompt, padded with
 *supervised* EOS (``data.py``); every row of the batch is padded to the batch's longest answer
@@ -31,6 +32,7 @@ Example (CPU, ~11 minutes: trains, then the speed / quality table of ``eval.py``
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -53,7 +55,8 @@ from mmjax.models import siglip
 from mmjax.models.lm import DecoderLM
 from mmjax.systems.base import System
 from mmjax.systems.lavida import checkpoint, eval as lavida_eval
-from mmjax.systems.lavida.data import PROMPT_KINDS, Prompter, VisionGeometry, make_example
+from mmjax.systems.lavida.data import (IMAGE_TOKEN_INDEX, PROMPT_KINDS, Prompter,
+                                       VisionGeometry, make_example)
 from mmjax.train import flops as fl
 from mmjax.systems.lavida.model import (BACKBONES, LavidaConfig, LavidaModel,
                                         vision_tower_config)
@@ -83,34 +86,59 @@ class Lavida(System):
       if value not in allowed:
         raise ConfigError(f"{field}={value!r} is not one of {allowed}")
     self._check_checkpoints()
-    kw = dict(dtype=jnp.dtype(config.dtype), remat_policy=config.remat_policy)
-    pretrained = m.init == "pretrained"
-    llm_hf = _read_json(m.llm_path) if pretrained else m.llm_config.to_dict()
-    text = BACKBONES[m.backbone].from_hf_config(llm_hf, scan_layers=config.scan_layers, **kw)
-    vis_hf = _read_json(m.vision_path) if pretrained else m.vision_config.to_dict()
-    vis_hf = vis_hf.get("vision_config", vis_hf)       # a full SigLIP's config.json nests it
-    depth = m.vision_feature_layer % (vis_hf["num_hidden_layers"] + 1)
-    vision = vision_tower_config(vis_hf, num_layers=depth, **kw)
-    self.geometry = VisionGeometry(tile=vis_hf["image_size"], patch=vision.patch_size,
-                                   anyres=m.anyres, pool=m.pool)
+    self.model_cfg = self._architecture()
+    self.geometry = self.model_cfg.geometry
+    text = self.model_cfg.text
     self.prompter = self._make_prompter()
     if self.prompter is not None and self.prompter.vocab_size > text.vocab_size:
       raise ConfigError(f"the tokenizer has {self.prompter.vocab_size} ids, the language "
                         f"model {text.vocab_size}")
-    image_id = self.prompter.image_id if self.prompter is not None else m.image_token_id
-    self.model_cfg = LavidaConfig(vision=vision, text=text, geometry=self.geometry,
-                                  image_token_id=int(image_id))
     self.model = LavidaModel(self.model_cfg)
     self.lm_module = DecoderLM(text)
     self.prompt_len = m.max_prompt_text + self.geometry.max_tokens
     self.answer_len = m.answer_len
-    self.mask_id = int(self.prompter.mask_id if self.prompter else llm_hf.get(
-        "mask_token_id", BACKBONES[m.backbone].MASK_TOKEN_ID))
+    self.mask_id = int(self.prompter.mask_id if self.prompter else json.loads(
+        text.hf_extra).get("mask_token_id", BACKBONES[m.backbone].MASK_TOKEN_ID))
+
+  def _architecture(self) -> LavidaConfig:
+    """The network: a LaViDa checkpoint's (``model.init_from``: its LM, tower and grid
+    pinpoints; ``model.anyres`` / ``pool`` as configured), else the LLM and SigLIP
+    directories' (or ``llm_config`` / ``vision_config`` at random init), the tower cut at
+    ``vision_feature_layer``. Images sit at LaViDa's -200 sentinel in the prompt ids."""
+    m, c = self.config.model, self.config
+    kw = dict(dtype=jnp.dtype(c.dtype), remat_policy=c.remat_policy)
+    if m.init_from:
+      release = checkpoint.read_release(m.init_from, scan_layers=c.scan_layers, **kw)
+      if release.text.family != m.backbone:
+        raise ConfigError(f"model.init_from={m.init_from!r} holds a LaViDa checkpoint with a "
+                          f"{release.text.family} backbone, model.backbone={m.backbone!r} "
+                          f"(the dream preset picks Dream)")
+      geometry = dataclasses.replace(release.geometry, anyres=m.anyres, pool=m.pool)
+      return dataclasses.replace(release, geometry=geometry, image_token_id=IMAGE_TOKEN_INDEX)
+    pretrained = m.init == "pretrained"
+    llm_hf = _read_json(m.llm_path) if pretrained else m.llm_config.to_dict()
+    text = BACKBONES[m.backbone].from_hf_config(llm_hf, scan_layers=c.scan_layers, **kw)
+    vis_hf = _read_json(m.vision_path) if pretrained else m.vision_config.to_dict()
+    vis_hf = vis_hf.get("vision_config", vis_hf)       # a full SigLIP's config.json nests it
+    depth = m.vision_feature_layer % (vis_hf["num_hidden_layers"] + 1)
+    vision = vision_tower_config(vis_hf, num_layers=depth, **kw)
+    geometry = VisionGeometry(tile=vis_hf["image_size"], patch=vision.patch_size,
+                              anyres=m.anyres, pool=m.pool)
+    extra = {"mm_vision_tower": m.vision_path} if pretrained else {}
+    return LavidaConfig(vision=vision, text=text, geometry=geometry,
+                        hf_extra=json.dumps(extra))
 
   # -- checkpoints and tokenizer ------------------------------------------------------------
   def _check_checkpoints(self):
-    """``model.init='pretrained'`` needs both checkpoint directories; names what is missing."""
+    """``model.init_from`` must be a checkpoint directory; else ``model.init='pretrained'``
+    needs both the LLM and SigLIP directories; names what is missing."""
     m = self.config.model
+    if m.init_from:
+      if not os.path.exists(os.path.join(m.init_from, "config.json")):
+        raise MissingCheckpoint({"--config.model.init_from": m.init_from},
+                                "it should be a LaViDa checkpoint (config.json + safetensors: "
+                                "a release, or what --mode export writes)")
+      return
     if m.init == "random":
       return
     missing = {f"--config.model.{k}": v for k, v in (("llm_path", m.llm_path),
@@ -132,13 +160,16 @@ class Lavida(System):
     if m.prompt == "shapes":
       from mmjax.data.tokenizer import shapes_tokenizer  # pylint: disable=import-outside-toplevel
       return Prompter.shapes(shapes_tokenizer(), m.question)
-    path = m.tokenizer_path or (m.llm_path if m.init == "pretrained" else "")
+    path = m.tokenizer_path or m.init_from or (m.llm_path if m.init == "pretrained" else "")
     if not path:
       return None
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+      raise MissingCheckpoint({"--config.model.tokenizer_path": path},
+                              "the chat template needs a tokenizer.json there")
     import tokenizers  # pylint: disable=import-outside-toplevel
     tok = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
     make = Prompter.llada if m.prompt == "llada" else Prompter.dream
-    return make(tok, m.image_token_id, m.question)
+    return make(tok, m.question)
 
   def _need_prompter(self, what: str):
     if self.prompter is None:
@@ -179,7 +210,9 @@ class Lavida(System):
     params["vision_tower"] = siglip.reference_init(params["vision_tower"],
                                                    jax.random.fold_in(rng, 1))
     m = self.config.model
-    if m.init == "pretrained":
+    if m.init == "pretrained" and m.init_from:     # every group from one LaViDa checkpoint
+      params = load_into(params, "hf", m.init_from, scan_layers=self.config.scan_layers)
+    elif m.init == "pretrained":
       params["language_model"] = load_into(params["language_model"], "hf", m.llm_path)
       params["vision_tower"] = load_into(params["vision_tower"], "hf", m.vision_path,
                                          num_layers=self.model_cfg.vision.stack.num_layers)
