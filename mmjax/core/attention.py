@@ -169,6 +169,7 @@ class Attention(nn.Module):
       mask: bool ``[batch|1, 1|heads, len, kv_len]`` or None (= no masking without a cache,
         causal over cache slots with one).
       positions: ``[batch, len]`` ints for RoPE; default ``arange(len)`` (+ cache_index).
+        With ``cfg.rope_sections``: ``[axes, batch, len]`` (or ``[batch, len]`` on every axis).
       context: ``[batch, ctx_len, ctx_width]`` for cross-attention: keys/values come from it,
         no RoPE is applied, mask is ``[batch, 1|heads, len, ctx_len]``; no cache.
       cache: None or ``(key, value)``, each ``[batch, max_len, kv_heads, head_dim]``. The new
@@ -203,8 +204,8 @@ class Attention(nn.Module):
       if positions is None:
         start = 0 if cache_index is None else cache_index[:, None]
         positions = start + jnp.arange(s, dtype=jnp.int32)[None, :]
-      q = apply_rope(q, positions, c.rope_theta)
-      k = apply_rope(k, positions, c.rope_theta)
+      q = apply_rope(q, positions, c.rope_theta, c.rope_sections, c.rope_axial)
+      k = apply_rope(k, positions, c.rope_theta, c.rope_sections, c.rope_axial)
     if c.qk_norm == "l2_after_rope":
       q = self._l2_gain(q, "q_gain", "heads")
       k = self._l2_gain(k, "k_gain", "kv_heads")

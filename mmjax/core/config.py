@@ -39,6 +39,11 @@ class TransformerConfig:
   norm: str = "rms"                    # 'rms' (HF RMSNorm, fp32) | 'layer' (LayerNorm with bias)
   norm_eps: float = 1e-6
   rope_theta: Optional[float] = 10000.0  # None = no rotary embedding
+  # multi-axis RoPE: positions are [len(rope_sections), batch, len] (a [batch, len] array is
+  # used on every axis); the first rope_sections[0] of the head_dim/2 rotary frequencies turn
+  # with axis 0, the next with axis 1, ... (Qwen2-VL's M-RoPE: temporal, height, width).
+  rope_sections: Optional[tuple] = None
+  rope_axial: bool = False             # each section its own frequency ladder (2-D vision RoPE)
   qkv_bias: bool = False
   out_bias: bool = False               # bias on o_proj
   mlp_bias: bool = False
@@ -71,6 +76,13 @@ class TransformerConfig:
         raise ValueError(f"TransformerConfig.{field}={value!r}; expected one of {allowed}")
     if self.rope_theta is not None and self.head_dim % 2:
       raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+    if self.rope_sections is not None:
+      object.__setattr__(self, "rope_sections", tuple(int(n) for n in self.rope_sections))
+      if 2 * sum(self.rope_sections) != self.head_dim:
+        raise ValueError(f"rope_sections {self.rope_sections} must sum to head_dim/2 = "
+                         f"{self.head_dim // 2}")
+    elif self.rope_axial:
+      raise ValueError("rope_axial needs rope_sections")
 
   @property
   def num_groups(self) -> int:

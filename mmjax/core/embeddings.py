@@ -52,9 +52,41 @@ def rope_inv_freq(head_dim: int, theta: float):
   return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
 
 
-def rope_cos_sin(positions, head_dim: int, theta: float):
-  """cos, sin ``[batch, len, head_dim]`` in fp32 for integer (or float) ``positions``."""
-  freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(head_dim, theta)
+def rope_angles(positions, head_dim: int, theta: float, sections=None, axial: bool = False):
+  """Rotation angles ``[batch, len, head_dim/2]`` (fp32), one per rotary frequency.
+
+  Plain RoPE: ``positions [batch, len]`` times ``rope_inv_freq(head_dim, theta)``.
+  Multi-axis RoPE (``sections``, a tuple summing to ``head_dim/2``): ``positions [axes, batch,
+  len]`` with ``axes = len(sections)`` (a ``[batch, len]`` array is used on every axis); the
+  first ``sections[0]`` frequencies turn with axis 0's positions, the next ``sections[1]`` with
+  axis 1's, ... -- Qwen2-VL's M-RoPE over (temporal, height, width). ``axial`` gives every
+  section its own ladder ``rope_inv_freq(2 * section)`` instead of slicing the one over
+  ``head_dim`` -- the 2-D (height, width) rotary of Qwen2.5-VL's vision tower.
+  """
+  if sections is None:
+    return positions.astype(jnp.float32)[..., None] * rope_inv_freq(head_dim, theta)
+  sections = tuple(int(n) for n in sections)
+  if 2 * sum(sections) != head_dim:
+    raise ValueError(f"rope sections {sections} must sum to head_dim/2 = {head_dim // 2}")
+  positions = jnp.asarray(positions).astype(jnp.float32)
+  if positions.ndim == 2:
+    positions = jnp.broadcast_to(positions, (len(sections),) + positions.shape)
+  if positions.shape[0] != len(sections):
+    raise ValueError(f"positions {positions.shape} need a leading axis of {len(sections)} "
+                     f"(one per rope section {sections})")
+  full = rope_inv_freq(head_dim, theta)
+  out, start = [], 0
+  for axis, n in enumerate(sections):
+    inv = rope_inv_freq(2 * n, theta) if axial else full[start:start + n]
+    out.append(positions[axis][..., None] * inv)
+    start += n
+  return jnp.concatenate(out, axis=-1)
+
+
+def rope_cos_sin(positions, head_dim: int, theta: float, sections=None, axial: bool = False):
+  """cos, sin ``[batch, len, head_dim]`` in fp32 for integer (or float) ``positions``
+  (``[batch, len]``, or ``[axes, batch, len]`` with ``sections``: see ``rope_angles``)."""
+  freqs = rope_angles(positions, head_dim, theta, sections, axial)
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)
 
@@ -65,13 +97,14 @@ def rotate_half(x):
   return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def apply_rope(x, positions, theta: float):
-  """Rotates ``x [batch, len, heads, head_dim]`` by ``positions [batch, len]``.
+def apply_rope(x, positions, theta: float, sections=None, axial: bool = False):
+  """Rotates ``x [batch, len, heads, head_dim]`` by ``positions [batch, len]`` (or ``[axes,
+  batch, len]`` with multi-axis ``sections``, see ``rope_angles``).
 
   HF "rotate_half" convention: dimension i pairs with i + head_dim/2. cos/sin are computed
   in fp32 and cast to ``x.dtype`` before the rotation, as in HF.
   """
-  cos, sin = rope_cos_sin(positions, x.shape[-1], theta)
+  cos, sin = rope_cos_sin(positions, x.shape[-1], theta, sections, axial)
   cos = cos[:, :, None, :].astype(x.dtype)
   sin = sin[:, :, None, :].astype(x.dtype)
   return x * cos + rotate_half(x) * sin

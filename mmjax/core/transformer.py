@@ -78,6 +78,8 @@ class DecoderLayer(nn.Module):
   ``__call__(x, mask, positions, cache, cache_index, deterministic, cache_valid=None)
   -> (x, cache)`` with positional arguments so that ``nn.scan`` / ``nn.remat`` can lift it;
   ``cache`` is None or this layer's ``(key, value)`` (``cache_valid``: see ``Attention``).
+  ``mask`` is a mask, or ``(choices [k, ...], pick)``: this layer attends with
+  ``choices[pick]`` (``TransformerStack(mask_choice=...)``).
   With ``emit_hidden`` it returns ``(x, (cache, x))``: the scan then stacks every layer's
   output (layer taps) next to the cache.
   """
@@ -87,6 +89,9 @@ class DecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x, mask, positions, cache, cache_index, deterministic, cache_valid=None):
     c = self.cfg
+    if isinstance(mask, tuple):
+      choices, pick = mask
+      mask = jax.lax.dynamic_index_in_dim(choices, pick, axis=0, keepdims=False)
     x = constrain(x, ("act_batch", "act_length", "act_embed"))
     h = make_norm(c.norm, c.norm_eps, c.dtype, c.param_dtype, "input_norm")(x)
     h = Attention(c, name="self_attn")(h, mask=mask, positions=positions, cache=cache,
@@ -142,13 +147,18 @@ class TransformerStack(nn.Module):
   def __call__(self, x, *, mask, positions=None, cache: Optional[KVCache] = None,
                decode: bool = False, deterministic: bool = True,
                return_hidden_states: bool = False, cache_valid=None,
-               tap_layers: tuple = ()):
+               tap_layers: tuple = (), mask_choice: tuple = ()):
     """``x [batch, len, d_model]`` -> same shape (no final norm).
 
     Args:
       mask: bool ``[batch|1, 1|heads, len, kv_len]`` from ``make_attention_mask``; None means
         no masking (without a cache) or causal over cache slots (with one).
-      positions: ``[batch, len]`` RoPE positions; default ``arange(len)`` (+ cache.index).
+      positions: ``[batch, len]`` RoPE positions; default ``arange(len)`` (+ cache.index);
+        ``[axes, batch, len]`` with ``cfg.rope_sections`` (multi-axis RoPE).
+      mask_choice: one int per layer: ``mask`` is then a stack of masks ``[k, batch|1,
+        1|heads, len, kv_len]`` and layer i attends with ``mask[mask_choice[i]]`` (windowed
+        layers with a few full-attention ones, as in Qwen2.5-VL's vision tower). Only the
+        k masks are held, never one per layer.
       cache, decode: with ``decode=True`` and a ``KVCache``, the new keys/values are written
         at ``cache.index`` of each row, queries attend over all cache slots (the mask is in
         slot coordinates: kv_len = max_len, e.g. ``make_attention_mask('causal', len,
@@ -187,6 +197,12 @@ class TransformerStack(nn.Module):
     bad = [k for k in tap_layers if not 0 <= k <= c.num_layers]
     if bad:
       raise ValueError(f"tap_layers {bad} outside 0..{c.num_layers} (layer counts of the stack)")
+    mask_choice = tuple(int(k) for k in mask_choice)
+    if mask_choice:
+      if len(mask_choice) != c.num_layers or mask is None or not all(
+          0 <= k < mask.shape[0] for k in mask_choice):
+        raise ValueError(f"mask_choice {mask_choice} needs one index per layer "
+                         f"({c.num_layers}) into a stack of masks")
     b, s, _ = x.shape
     index = None if cache is None else cache.index
     if positions is None:
@@ -201,9 +217,12 @@ class TransformerStack(nn.Module):
                        prevent_cse=not c.scan_layers, static_argnums=(6,))
     kv = None if cache is None else (cache.key, cache.value)
     if c.scan_layers:
+      mask_axes = nn.broadcast
+      if mask_choice:   # the stack of masks is shared, each layer's pick is scanned
+        mask, mask_axes = (mask, jnp.asarray(mask_choice, jnp.int32)), (nn.broadcast, 0)
       scan_kw = dict(
           variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast, nn.broadcast),
+          in_axes=(mask_axes, nn.broadcast, 0, nn.broadcast, nn.broadcast, nn.broadcast),
           length=c.num_layers, metadata_params={nn.PARTITION_NAME: LAYERS})
       if tap_layers:
         hit = jnp.asarray(tap_layers, jnp.int32) == 0
@@ -221,8 +240,9 @@ class TransformerStack(nn.Module):
       outs, kept = [], {0: x}
       for i in range(c.num_layers):
         layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+        layer_mask = mask[mask_choice[i]] if mask_choice else mask
         x, out = layer(c, emit_hidden=return_hidden_states, name=f"{LAYERS}_{i}")(
-            x, mask, positions, layer_kv, index, deterministic, cache_valid)
+            x, layer_mask, positions, layer_kv, index, deterministic, cache_valid)
         outs.append(out if return_hidden_states else (out, None))
         if i + 1 in tap_layers:
           kept[i + 1] = x

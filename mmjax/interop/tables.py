@@ -95,6 +95,22 @@ class Conv:
 
 
 @dataclasses.dataclass(frozen=True)
+class OutLast:
+  """torch weight ``[out, *in_dims]`` <-> our kernel ``[*in_dims, out]``: a ``Conv3d`` whose
+  stride equals its kernel is a linear map of each flattened patch (Qwen2.5-VL's patch
+  embedding ``[embed, C, T, P, P]`` <-> ``[C, T, P, P, embed]``)."""
+
+  def hf_shape(self, shape):
+    return (shape[-1],) + tuple(shape[:-1])
+
+  def to_ours(self, x, shape):
+    return np.ascontiguousarray(np.moveaxis(x, 0, -1)).reshape(shape)
+
+  def to_hf(self, x):
+    return np.ascontiguousarray(np.moveaxis(x, -1, 0))
+
+
+@dataclasses.dataclass(frozen=True)
 class Part:
   """Our tensor is part ``index`` of ``count`` equal pieces (axis 0) of one reference tensor,
   e.g. q, k, v inside torch ``MultiheadAttention.in_proj_weight``. Export concatenates."""
@@ -119,6 +135,7 @@ FLATTEN = Flatten()
 LINEAR = Linear(1)
 LINEAR_OUT = Linear(2)   # attention output projections: kernel [heads, head_dim, embed]
 CONV = Conv()
+OUT_LAST = OutLast()
 
 
 @dataclasses.dataclass(frozen=True)

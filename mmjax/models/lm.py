@@ -59,7 +59,8 @@ class DecoderLM(nn.Module):
 
   * ``attention_mask``: bool ``[batch, len]`` (True = real token; left or right padding).
     With a cache it covers the cache slots, ``[batch, max_len]``.
-  * ``positions``: RoPE positions ``[batch, len]``. Default: the count of real tokens before
+  * ``positions``: RoPE positions ``[batch, len]`` (``[3, batch, len]`` for an M-RoPE stack,
+    ``stack.rope_sections``: Qwen2.5-VL). Default: the count of real tokens before
     each token (``core.positions_from_padding``), i.e. transformers' ``generate`` convention
     (``cumsum(mask) - 1``, pads at 0). A plain transformers forward uses ``arange`` unless
     given ``position_ids``; with left padding pass them to compare.
