@@ -21,7 +21,7 @@ from ml_collections import ConfigDict
 from mmjax.config import base_config
 from mmjax.errors import parse_presets
 
-PRESETS = ("demo", "no_restart", "first_release")
+PRESETS = ("demo", "no_restart", "first_release", "unified", "demo_unified")
 
 # SigLIP2-so400m-patch14-384 (transformers SiglipVisionConfig fields)
 SIGLIP2_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
@@ -29,8 +29,21 @@ SIGLIP2_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layer
                       layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh")
 
 
+# Qwen2.5-3B (transformers Qwen2Config fields): the unified model's language model
+QWEN25_3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008,
+                 num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+                 rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True,
+                 max_position_embeddings=32768)
+
+
 def get_config(arg=None):
-  presets = parse_presets(arg, PRESETS, "configs/dualtoken.py")
+  presets = set(parse_presets(arg, PRESETS, "configs/dualtoken.py"))
+  if presets & {"unified", "demo_unified"}:
+    return unified_config(presets)
+  return tokenizer_config(presets)
+
+
+def tokenizer_config(presets):
   c = base_config()
   c.system = "dualtoken"
   c.total_steps = 200_000
@@ -99,4 +112,73 @@ def get_config(arg=None):
     c.data.batch_size = 16
     c.optim.update(lr=1e-3, warmup_steps=100, end_lr_ratio=0.1, weight_decay=1e-4)
     c.optim.groups.disc.update(lr=2e-4)
+  return c
+
+
+def unified_config(presets):
+  """The unified model: Qwen2.5 over text and both vocabularies of a frozen tokenizer
+  (``config.tokenizer``: the tokenizer's own config, its presets applied)."""
+  demo = "demo_unified" in presets
+  c = base_config()
+  c.system = "dualtoken_unified"
+  c.tokenizer = tokenizer_config(presets & {"demo", "no_restart", "first_release"}
+                                 | ({"demo"} if demo else set()))
+  c.tokenizer.loss.lpips = 0.0   # the tokenizer is frozen here: no VGG needed
+  c.total_steps = 100_000
+  c.log_every = 50
+  c.checkpoint_every = 2000
+  c.dtype = "bfloat16"
+  c.remat_policy = "full"
+  c.model = ConfigDict(dict(
+      lm_init="pretrained",       # pretrained (model.lm_path) | random (model.lm_config)
+      lm_path="",                 # transformers Qwen2.5 directory (weights, tokenizer.json)
+      lm_config=QWEN25_3B,        # used when lm_init=random (vocab_size 0 = the tokenizer's)
+      # the frozen tokenizer: an mmjax tokenizer run (its checkpoints; "" = the tokenizer
+      # config's own init: model.init=release with release_path for the authors' release)
+      tokenizer_workdir="",
+      train_tokenizer=False,      # train config.tokenizer into WORKDIR/tokenizer first (demo)
+      code_embed_dim=1024,        # each vocabulary's code-embedding width
+      head=dict(width=1024, layers=3, heads=16, mlp_dim=4096),   # each depth head
+      seq_len=4096,               # training sequence length (text budget = seq_len - N - 4)
+      question="",                # text after the image in image-to-text examples
+  ))
+  c.text = ConfigDict(dict(
+      tokenizer="",               # tokenizer.json directory ("" = model.lm_path) | shapes
+      bos="", eos="<|endoftext|>", pad="<|endoftext|>", boi="<|vision_start|>",
+      eoi="<|vision_end|>"))
+  c.mix = ConfigDict(dict(t2i_ratio=0.5, caption_dropout=0.1))
+  c.loss = ConfigDict(dict(text=1.0, pixel=1.0, semantic=1.0))
+  c.sample = ConfigDict(dict(cfg_scale=3.0, temperature=1.0, top_k=900, top_p=0.96,
+                             caption_temperature=0.0, max_new_tokens=64, num_images=16,
+                             seed=0))
+  c.eval = ConfigDict(dict(num_prompts=128, num_captions=128,
+                           categories="single_object,colors"))
+  c.data.resolution = c.tokenizer.data.resolution
+  c.data.batch_size = 256
+  c.data.pretokenized = False     # records carry pixel_codes / semantic_codes (pretokenize)
+  c.optim.update(lr=1e-4, b1=0.9, b2=0.95, weight_decay=0.05, warmup_steps=2000,
+                 schedule="cosine", end_lr_ratio=0.1, clip_norm=1.0)
+
+  if demo:   # a tiny Qwen2 over the shapes-world words, on the tokenizer demo's codes
+    c.total_steps = 1500
+    c.log_every = 50
+    c.checkpoint_every = 500
+    c.dtype = "float32"
+    c.remat_policy = "none"
+    c.scan_layers = False
+    c.tokenizer.total_steps = 800
+    c.tokenizer.checkpoint_every = 800
+    c.model.update(lm_init="random", train_tokenizer=True, code_embed_dim=64, seq_len=80)
+    c.model.lm_config = dict(vocab_size=0, hidden_size=128, intermediate_size=256,
+                             num_hidden_layers=4, num_attention_heads=4,
+                             num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
+                             tie_word_embeddings=True)
+    c.model.head = dict(width=64, layers=3, heads=4, mlp_dim=128)
+    c.text.update(tokenizer="shapes", bos="<bos>", eos="<eos>", pad="<pad>", boi="<boi>",
+                  eoi="<eoi>")
+    c.sample.update(max_new_tokens=10, num_images=16)
+    c.eval.update(num_prompts=64, num_captions=64)
+    c.data.categories = "single_object,colors"
+    c.data.batch_size = 32
+    c.optim.update(lr=1e-3, warmup_steps=100, weight_decay=0.0, end_lr_ratio=0.1)
   return c

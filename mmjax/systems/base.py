@@ -23,6 +23,9 @@ Contract (all arrays are per-example numpy in ``preprocess``, global jax arrays 
 * ``flops_per_step(batch_size)`` -> analytic training FLOPs for one step, or None.
 * ``modes()``                -> the launcher's other modes (sample, eval, export), optional.
 * ``trainable_mask(params)`` -> optional pytree of bools (False = frozen, no optimizer state).
+* ``prepare(workdir)``       -> optional; run by the trainer before it builds the state (e.g.
+                              train a prerequisite stage into a subdirectory, read frozen
+                              parts from another run).
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ _REGISTRY: dict[str, str] = {
     "metaquery": "mmjax.systems.metaquery.system:MetaQuery",
     "lavida": "mmjax.systems.lavida.system:Lavida",
     "dualtoken": "mmjax.systems.dualtoken.system:DualToken",
+    "dualtoken_unified": "mmjax.systems.dualtoken.unified_system:UnifiedDualToken",
 }
 
 
@@ -71,6 +75,9 @@ class System:
 
   def flops_per_step(self, batch_size: int) -> float | None:
     return None
+
+  def prepare(self, workdir: str) -> None:
+    """Work the trainer runs before building the train state (default: none)."""
 
   def modes(self) -> dict[str, Callable]:
     """Extra launcher modes (sample, eval, export): name -> ``fn(params, workdir)``, called by

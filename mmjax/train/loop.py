@@ -172,6 +172,7 @@ def train(config: Any, workdir: str, system: Any = None) -> TrainResult:
   if system is None:
     from mmjax.systems.base import get_system
     system = get_system(config)
+  system.prepare(workdir)
   writer_ref: list = []
   log = _log_on_main(writer_ref)
   total = int(config.total_steps)

@@ -115,3 +115,49 @@ def train_flops(cfg, batch_size: int) -> float:
   total += fl.flops(b * d, fl.THROUGH)                     # generator objective, on recon
   total += fl.flops(2 * b * d, fl.TRAINED)                 # discriminator objective
   return total
+
+
+def encode_macs(cfg, images: float) -> float:
+  """The frozen tokenizer's encoder (tower, pre-projections, both searches, the semantic
+  up-projection and head) on ``images`` images: what the unified model runs per step when
+  it tokenizes on the fly."""
+  v = cfg.vision
+  n, s = v.num_patches, v.stack
+  tokens = images * n
+  low = fl.stack_macs(s.replace(num_layers=cfg.semantic_layer), tokens, n)
+  top = fl.stack_macs(s.replace(num_layers=s.num_layers - cfg.semantic_layer), tokens, n)
+  head = fl.dense_macs(tokens, s.d_model, s.d_model) * 3 if v.use_head else 0.0
+  patch = fl.dense_macs(tokens, v.patch_size ** 2 * v.num_channels, s.d_model)
+  w = cfg.width
+  proj = (projection_macs(w, cfg.pixel.dim, tokens, n) + projection_macs(w, cfg.semantic.dim,
+                                                                         tokens, n)
+          + projection_macs(cfg.semantic.dim, w, tokens, n))
+  if cfg.shortcut_layer is not None:
+    proj += projection_macs(w, cfg.pixel.dim, tokens, n)
+  search = sum(tokens * q.depths * q.codebook_size * q.dim for q in (cfg.pixel, cfg.semantic))
+  return patch + low + top + head + proj + search
+
+
+def unified_train_flops(system, batch_size: int) -> float:
+  """One unified-model step: the LM over the sequence (and its head over every row), the
+  visual embedding, both depth heads over the ``N x D`` visual targets, all trained; the
+  frozen tokenizer forward only (unless the batch is pre-tokenised)."""
+  c, b = system.cfg, batch_size
+  length, n, depths = system.prompter.length, c.positions, c.depths
+  lm = c.lm.stack
+  tokens = b * length
+  trained = (fl.stack_macs(lm, tokens, length) + fl.dense_macs(tokens, lm.d_model,
+                                                               c.lm.vocab_size)
+             + fl.dense_macs(b * n, 2 * c.code_embed_dim, lm.d_model))
+  for head in (c.pixel_head, c.semantic_head):
+    s, rows = head.stack, b * n
+    trained += (fl.dense_macs(rows, lm.d_model, s.mlp_dim) + fl.dense_macs(rows, s.mlp_dim,
+                                                                            s.d_model)
+                + fl.dense_macs(rows * (depths - 1), c.code_embed_dim, s.mlp_dim)
+                + fl.dense_macs(rows * (depths - 1), s.mlp_dim, s.d_model)
+                + fl.stack_macs(s, rows * depths, depths)
+                + fl.dense_macs(rows * depths, s.d_model, head.codebook_size))
+  total = fl.flops(trained, fl.TRAINED)
+  if not system.config.data.pretokenized:
+    total += fl.flops(encode_macs(c.tokenizer, b), fl.FORWARD)
+  return total
