@@ -208,3 +208,36 @@ def test_loss_weights_and_frozen_tokenizer(system, variables):
   grads = jax.grad(lambda p: loss_fn(p, batch)[0])(variables["params"])
   assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["tokenizer"]))
   assert float(jnp.abs(grads["visual"]["proj"]["kernel"]).max()) > 0
+
+
+def test_pretokenized_shards_give_the_same_batches_and_loss(system, variables, tmp_path):
+  """pretokenize writes the tokenizer's codes; training from those shards
+  (data.pretokenized) sees the codes the on-the-fly path computes, and the same loss."""
+  from mmjax.data.pipeline import make_iterator, make_source
+  from mmjax.systems.dualtoken import pretokenize
+  system._tokenizer_vars = jax.device_get({"params": variables["params"]["tokenizer"],
+                                           "codebook": variables["codebook"]})
+  out = str(tmp_path / "codes")
+  paths, n, bad = pretokenize.pretokenize(system.config, "", out, num=6, batch=4,
+                                          log=lambda *a, **k: None, system=system)
+  assert n == 6 and not bad and len(paths) == 1
+  cfg = config_lib.load("configs/dualtoken.py:demo_unified", SMALL + [
+      "--config.data.pretokenized=True", "--config.data.source=array_record",
+      f"--config.data.path={out}-*.array_record", "--config.data.batch_size=6"])
+  pre = get_system(cfg)
+  batch = next(make_iterator(cfg.data, seed=cfg.seed, preprocess=pre.preprocess))
+  assert batch["pixel_codes"].shape == (6, system.cfg.positions, system.cfg.depths)
+  shards, world = make_source(cfg.data, cfg.seed), make_source(system.config.data, cfg.seed)
+  got = [pre.preprocess(shards[i], np.random.default_rng(i)) for i in range(6)]
+  fly = [system.preprocess(world[i], np.random.default_rng(i)) for i in range(6)]
+  got, fly = ({k: np.stack([e[k] for e in exs]) for k in exs[0]} for exs in (got, fly))
+  pix, sem = system.tokenize(variables, fly["images"])
+  np.testing.assert_array_equal(got["pixel_codes"], np.asarray(pix))
+  np.testing.assert_array_equal(got["semantic_codes"], np.asarray(sem))
+  ctx = Context(step=jnp.zeros((), jnp.int32), mutables={"codebook": variables["codebook"]},
+                carry={})
+  a, _ = system.unified_loss(variables["params"], fly, None, ctx)
+  b, _ = pre.unified_loss(variables["params"], got, None, ctx)
+  np.testing.assert_allclose(float(a), float(b), rtol=1e-5)
+  with pytest.raises(Exception, match="codes"):
+    pre.preprocess({"image": b"", "caption": "x"}, 0)

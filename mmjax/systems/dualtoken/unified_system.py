@@ -34,6 +34,7 @@ import optax
 from mmjax.errors import ConfigError, MissingCheckpoint
 from mmjax.models import qwen2
 from mmjax.systems.base import System
+from mmjax.systems.dualtoken.pretokenize import read_codes
 from mmjax.systems.dualtoken.prompt import Prompter
 from mmjax.systems.dualtoken.system import DualToken
 from mmjax.systems.dualtoken.unified import (VOCABS, UnifiedConfig, UnifiedModel,
@@ -132,17 +133,27 @@ class UnifiedDualToken(System):
     """Before training: train the tokenizer first when asked (``model.train_tokenizer``;
     resumes / skips a finished run in WORKDIR/tokenizer), then read the tokenizer run's
     variables for ``init``."""
-    from mmjax.train import loop  # pylint: disable=import-outside-toplevel
     path = self.tokenizer_dir(workdir)
     if not path:
       return
     if self.config.model.train_tokenizer:
+      from mmjax.train import loop  # pylint: disable=import-outside-toplevel
       loop.train(self.config.tokenizer, path, system=self.tok_system)
-    variables, step = loop.restore_params(self.config.tokenizer, path, self.tok_system)
+    self.prepare_tokenizer(path)
+
+  def prepare_tokenizer(self, path: str) -> None:
+    """Reads the newest checkpoint of the tokenizer run at ``path`` (frozen from here on)."""
     from mmjax.parallel import global_to_host  # pylint: disable=import-outside-toplevel
+    from mmjax.train import loop  # pylint: disable=import-outside-toplevel
+    variables, step = loop.restore_params(self.config.tokenizer, path, self.tok_system)
     self._tokenizer_vars = global_to_host({"params": variables["params"]["tokenizer"],
                                            "codebook": variables["codebook"]})
     print(f"tokenizer: step {step} of {path} (frozen)", flush=True)
+
+  def tokenizer_variables(self) -> dict:
+    """The variables ``tokenize`` / ``decode`` need, from ``prepare_tokenizer``."""
+    v = self._tokenizer_vars
+    return {"params": {"tokenizer": v["params"]}, "codebook": v["codebook"]}
 
   # -- data -------------------------------------------------------------------------------
   def preprocess(self, record, rng):
@@ -152,11 +163,9 @@ class UnifiedDualToken(System):
       ex = self.prompter.t2i("" if rng.uniform() < mix.caption_dropout else caption)
     else:
       ex = self.prompter.i2t(caption)
-    if self.config.data.pretokenized:
-      n, d = self.cfg.positions, self.cfg.depths
-      for k in ("pixel_codes", "semantic_codes"):
-        ex[k] = np.frombuffer(record[k], np.int32).reshape(n, d) if isinstance(
-            record[k], bytes) else np.asarray(record[k], np.int32).reshape(n, d)
+    if self.config.data.pretokenized:   # shards written by dualtoken.pretokenize
+      ex["pixel_codes"], ex["semantic_codes"] = read_codes(record, self.cfg.positions,
+                                                           self.cfg.depths)
     else:
       ex["images"] = self.tok_system.preprocess(record, rng)["images"]
     return ex
