@@ -8,6 +8,13 @@ AdamW 7.2e-5 betas (0.5, 0.9), wd 1e-4 (none on biases and norms), 10k warmup + 
 bf16 with the quantisers in fp32, RandomResizedCrop(0.9-1.0).
 ``:demo``: a tiny tower and codebooks on 32 px shapes-world images, trained on a 2-core CPU.
 
+``:unified``: the unified autoregressive model (system ``dualtoken_unified``): Qwen2.5-3B
+over text and both vocabularies of the frozen tokenizer (``config.tokenizer`` is the
+tokenizer's own config), two 3-layer depth heads, 729 positions x 8 depths x 2 per 384 px
+image, sequence 4096, text-to-image and image-to-text mixed 1:1, caption dropout 0.1, CFG 3,
+top-k 900, top-p 0.96. ``:demo_unified``: trains a tiny tokenizer first (WORKDIR/tokenizer),
+then a tiny Qwen2 on its codes; ShapesEval and caption accuracy, step 0 vs trained.
+
   python launch/tpu.py --config configs/dualtoken.py:demo --workdir /tmp/dualtoken
   python launch/tpu.py --config configs/dualtoken.py --workdir gs://bucket/dt \\
       --config.model.siglip_path=/ckpt/siglip2-so400m-patch14-384 \\
@@ -15,6 +22,9 @@ bf16 with the quantisers in fp32, RandomResizedCrop(0.9-1.0).
       --config.data.source=array_record --config.data.path='/data/cc12m-*.array_record'
   python launch/aot.py --config configs/dualtoken.py --topology v5p:4x4x4 \\
       --config.model.init=random --config.mesh.fsdp=-1 --config.mesh.data=1
+  python launch/tpu.py --config configs/dualtoken.py:demo_unified --workdir /tmp/dtu
+  python launch/tpu.py --config configs/dualtoken.py:unified --workdir gs://bucket/dtu \\
+      --config.model.lm_path=/ckpt/Qwen2.5-3B --config.model.tokenizer_workdir=gs://bucket/dt
 """
 from ml_collections import ConfigDict
 
@@ -124,6 +134,9 @@ def unified_config(presets):
   c.tokenizer = tokenizer_config(presets & {"demo", "no_restart", "first_release"}
                                  | ({"demo"} if demo else set()))
   c.tokenizer.loss.lpips = 0.0   # the tokenizer is frozen here: no VGG needed
+  # its weights come from model.tokenizer_workdir (or tokenizer.model.init=release with
+  # tokenizer.model.release_path); random only for AOT / smoke runs with lm_init=random
+  c.tokenizer.model.init = "random"
   c.total_steps = 100_000
   c.log_every = 50
   c.checkpoint_every = 2000

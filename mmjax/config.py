@@ -71,6 +71,7 @@ def base_config() -> ConfigDict:
   c.scan_layers = True          # nn.scan over transformer layers
   c.init_distributed = "auto"   # auto | yes | no: jax.distributed.initialize in the launcher
   c.device_peak_flops = 0.0     # override the peak-FLOPs table (0 = look up by device kind)
+  c.profile_steps = ""          # "a,b": jax.profiler trace of steps a..b into WORKDIR/profile
 
   c.mesh = ConfigDict()
   c.mesh.data = -1              # one of the ICI sizes may be -1 (auto-filled)
@@ -109,7 +110,7 @@ def base_config() -> ConfigDict:
   c.optim.ema_decay = 0.0       # parameter EMA (0 = off); sample/eval modes use it when set
 
   c.data = ConfigDict()
-  c.data.source = "shapes"      # shapes | array_record | tfds
+  c.data.source = "shapes"      # shapes | shapes_describe | array_record | tfds
   c.data.path = ""              # ArrayRecord glob or TFDS name
   c.data.split = "train"
   c.data.data_dir = ""          # TFDS data_dir ("" = TFDS default)

@@ -86,8 +86,13 @@ def restore_params(workdir, step, config=None, system=None):
 def straight(env, tmp_path_factory):
   """An uninterrupted run of TOTAL steps (the reference for the other runs)."""
   workdir = tmp_path_factory.mktemp("straight")
-  rc, out = finish(launch(env, workdir))
+  rc, out = finish(launch(env, workdir, "--config.profile_steps=2,3"))
   assert rc == 0, out
+  # the profiled steps are a TensorBoard profile-plugin trace (numbers unchanged: the other
+  # runs compare their losses with these)
+  traces = [f for _, _, fs in os.walk(os.path.join(workdir, "profile")) for f in fs]
+  assert any(f.endswith(".xplane.pb") for f in traces), traces
+  assert "profile of steps 2-3" in out
   assert ckpt_lib.step_dirs(workdir) == [4, 8]
   rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   assert [r["step"] for r in rows] == list(range(1, TOTAL + 1))
@@ -236,3 +241,10 @@ def test_two_hosts_match_one_host(env, straight, tmp_path):
   assert rc == 0, out
   assert "resuming from step 8" in out and "saved by 2 process(es)" in out
   assert max(losses(workdir)) == 9
+
+
+def test_profile_steps_must_be_a_range():
+  from mmjax.errors import ConfigError
+  for bad in ("3", "3,2", "0,1", "a,b"):
+    with pytest.raises(ConfigError, match="profile_steps"):
+      loop._Profiler(bad, "/tmp/unused", print)   # pylint: disable=protected-access

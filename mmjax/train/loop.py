@@ -33,7 +33,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mmjax import parallel
-from mmjax.errors import NoCheckpoint
+from mmjax.errors import ConfigError, NoCheckpoint
 from mmjax.data.pipeline import make_iterator
 from mmjax.train import flops as flops_lib
 from mmjax.train.checkpoint import Checkpointer, step_dirs
@@ -163,6 +163,42 @@ def _log_on_main(writer_ref: list) -> Callable[[str], None]:
   return log
 
 
+class _Profiler:
+  """``config.profile_steps = "a,b"``: a ``jax.profiler`` trace of train steps a..b (1-based,
+  inclusive) in WORKDIR/profile (TensorBoard's profile plugin reads it:
+  ``tensorboard --logdir WORKDIR/profile``). Empty: off."""
+
+  def __init__(self, spec: str, workdir: str, log):
+    self.first = self.last = None
+    self.active, self.log = False, log
+    self.path = os.path.join(workdir, "profile")
+    if spec:
+      try:
+        self.first, self.last = (int(x) for x in str(spec).split(","))
+      except ValueError:
+        raise ConfigError(f"profile_steps = {spec!r}; expected 'first,last' step numbers, "
+                          "e.g. '10,12'") from None
+      if not 1 <= self.first <= self.last:
+        raise ConfigError(f"profile_steps = {spec!r}; expected 1 <= first <= last")
+
+  def before(self, step: int) -> None:
+    if self.first is not None and step == self.first and not self.active:
+      jax.profiler.start_trace(self.path)
+      self.active = True
+
+  def after(self, step: int, metrics) -> None:
+    if self.active and step >= self.last:
+      jax.block_until_ready(metrics)
+      self.close()
+      self.log(f"profile of steps {self.first}-{self.last}: {self.path} "
+               f"(tensorboard --logdir {self.path})")
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+
+
 def train(config: Any, workdir: str, system: Any = None) -> TrainResult:
   """Trains ``config.system`` (or ``system``) in ``workdir``, resuming when it can.
 
@@ -172,9 +208,10 @@ def train(config: Any, workdir: str, system: Any = None) -> TrainResult:
   if system is None:
     from mmjax.systems.base import get_system
     system = get_system(config)
-  system.prepare(workdir)
   writer_ref: list = []
   log = _log_on_main(writer_ref)
+  profiler = _Profiler(config.get("profile_steps", ""), workdir, log)
+  system.prepare(workdir)
   total = int(config.total_steps)
 
   # -- mesh, state, data (resumed when there is a checkpoint) -------------------------------
@@ -225,8 +262,10 @@ def train(config: Any, workdir: str, system: Any = None) -> TrainResult:
     with _Preemption() as preemption:
       while step < total:
         batch = parallel.host_local_to_global(next(data_iter), mesh, batch_shardings)
+        profiler.before(step + 1)
         state, metrics = train_step(state, batch)
         step += 1
+        profiler.after(step, metrics)
         buffer.add(step, metrics)
         if jax.process_count() == 1 or step % sync_every == 0:
           preempted = _any_process(preemption.requested)
@@ -244,6 +283,7 @@ def train(config: Any, workdir: str, system: Any = None) -> TrainResult:
           ckpt.wait()
           break
   finally:
+    profiler.close()
     ckpt.close()  # waits for in-flight saves (only ever of good states)
     writer.close()
     if hasattr(data_iter, "stats"):

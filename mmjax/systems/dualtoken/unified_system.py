@@ -99,6 +99,9 @@ class UnifiedDualToken(System):
       missing["model.lm_path"] = m.lm_path
     if m.tokenizer_workdir and not m.train_tokenizer and not os.path.isdir(m.tokenizer_workdir):
       missing["model.tokenizer_workdir"] = m.tokenizer_workdir
+    if (m.lm_init == "pretrained" and not m.tokenizer_workdir and not m.train_tokenizer
+        and self.config.tokenizer.model.init == "random"):   # a real run needs a tokenizer
+      missing["model.tokenizer_workdir"] = "(an mmjax tokenizer run, or tokenizer.model.init=release)"
     if missing:
       raise MissingCheckpoint(missing, "use configs/dualtoken.py:demo_unified for a "
                               "self-contained CPU run, or --config.model.lm_init=random")
