@@ -32,6 +32,17 @@ compositions of objects picked from 1..3 source images):
 Presets combine with commas (``configs/metaquery.py:a,b``): at most one task
 (reconstruct | edit | instruct), with or without ``demo``; ``demo_<task>`` = ``demo,<task>``.
 
+``:sd15``: the paper's COCO-FID setting -- MetaQuery-B's bridge with 77 queries at caption
+width 768 into a *frozen* Stable Diffusion 1.5 (UNet + KL autoencoder, 64x64x4 latents at
+512px), trained by DDPM epsilon prediction with uniform t (text-to-image only); sampling
+DPM-Solver++ 2M (``--config.sample.solver=ddim`` for DDIM), CFG 3.0. ``:demo,sd15`` is the
+CPU demo's MLLM and bridge with a tiny trainable random UNet on 32px pixels:
+
+  python launch/tpu.py --config configs/metaquery.py:sd15 --workdir gs://bucket/mq_sd15 \
+      --config.mllm.path=/ckpt/llava-onevision-qwen2-0.5b-ov-hf \
+      --config.decoder.unet_path=/ckpt/stable-diffusion-v1-5/unet \
+      --config.decoder.ae_path=/ckpt/stable-diffusion-v1-5/vae
+
 Compile-only pod check (no checkpoints needed):
 
   python launch/aot.py --config configs/metaquery.py --topology v5p:4x4x4 \
@@ -41,7 +52,7 @@ from mmjax.config import base_config
 from mmjax.errors import ConfigError, parse_presets
 
 TASK_PRESETS = ("reconstruct", "edit", "instruct")
-PRESETS = ("demo",) + TASK_PRESETS + tuple(f"demo_{t}" for t in TASK_PRESETS)
+PRESETS = ("demo", "sd15") + TASK_PRESETS + tuple(f"demo_{t}" for t in TASK_PRESETS)
 
 # LLaVA-OneVision-0.5B (llava-hf/llava-onevision-qwen2-0.5b-ov-hf config.json, abridged):
 # SigLIP-so400m tower cut at its last layer, Qwen2-0.5B, hidden 896. With ``mllm.path`` set,
@@ -73,6 +84,19 @@ DC_AE_F32C32 = dict(
     decoder_norm_types=["batch_norm"] * 3 + ["rms_norm"] * 3,
     decoder_act_fns=["relu"] * 3 + ["silu"] * 3,
     upsample_block_type="interpolate", downsample_block_type="Conv", scaling_factor=0.41407)
+# Stable Diffusion 1.5 (stable-diffusion-v1-5 unet/ and vae/ config.json): the UNet's cross-
+# attention reads a [b, 77, 768] caption (CLIP's; here the connector's), the VAE maps 512px to
+# 64x64x4 latents, scaled by 0.18215.
+SD15_UNET = dict(
+    in_channels=4, out_channels=4, sample_size=64, block_out_channels=[320, 640, 1280, 1280],
+    layers_per_block=2, attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, sample_size=512,
+    block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32,
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    scaling_factor=0.18215)
 
 
 def get_config(arg=None):
@@ -113,14 +137,18 @@ def get_config(arg=None):
       hf_config=LLAVA_OV_05B,    # architecture when `path` is empty (random init / AOT)
   )
   c.decoder = dict(
+      kind="sana",               # sana (DiT, flow matching) | sd15 (UNet, DDPM epsilon)
       dit=SANA_1600M_512,        # diffusers SanaTransformer2DModel config (when no dit_path)
       dit_path="",               # diffusers transformer/ directory
-      autoencoder="dc_ae",       # dc_ae (frozen DC-AE latents) | pixels (space-to-depth)
-      ae=DC_AE_F32C32,           # diffusers AutoencoderDC config (when no ae_path)
+      unet=SD15_UNET,            # kind=sd15: diffusers UNet2DConditionModel config (no unet_path)
+      unet_path="",              # kind=sd15: diffusers unet/ directory
+      autoencoder="dc_ae",       # dc_ae (frozen DC-AE latents) | kl (frozen KL autoencoder,
+                                 # posterior samples; SD1.5) | pixels (space-to-depth)
+      ae=DC_AE_F32C32,           # diffusers AutoencoderDC / AutoencoderKL config (no ae_path)
       ae_path="",                # diffusers vae/ directory
       pixel_patch=4,             # autoencoder=pixels: space-to-depth factor
       trainable=True,            # the DiT trains (MetaQuery's Sana configs); False: frozen
-  )
+  )                              # (the SD1.5 UNet is frozen in the paper)
   c.flow = dict(
       sigma_sampler="uniform_discrete",  # uniform_discrete | logit_normal | uniform
       num_levels=1000,           # quantise sigma to 1000 levels (0: continuous)
@@ -128,8 +156,19 @@ def get_config(arg=None):
       logit_mean=0.0,
       logit_std=1.0,
   )
+  c.ddpm = dict(                 # decoder.kind=sd15: the DDPM schedule (SD1.5's scheduler)
+      beta_schedule="scaled_linear",     # scaled_linear | linear
+      beta_start=0.00085,
+      beta_end=0.012,
+      num_train_timesteps=1000,  # training t is uniform over 0..999
+      timestep_spacing="",       # sampling: "" = the solver's diffusers default (ddim: leading,
+                                 # dpm_solver_2m: linspace) | leading | linspace | trailing
+      steps_offset=1,
+      set_alpha_to_one=False,    # ddim: the last step ends at abar_0, not 1
+  )
   c.sample = dict(
-      num_steps=30,              # DPM-Solver++ 2M steps
+      solver="dpm_solver_2m",    # dpm_solver_2m (DPM-Solver++ 2M) | ddim (decoder.kind=sd15)
+      num_steps=30,              # solver steps
       flow_shift=3.0,
       guidance=7.5,              # CFG text scale (GenEval / DPG setting; 3.0 for FID)
       num_images=32,             # sample grid size
@@ -149,17 +188,21 @@ def get_config(arg=None):
   c.optim.weight_decay = 0.1
   c.optim.clip_norm = 0.5
 
-  demo, task = _presets(arg)
+  demo, task, sd15 = _presets(arg)
   if demo:
     _demo(c)
+  if sd15:
+    if task:
+      raise ConfigError(f"presets {arg!r} for configs/metaquery.py: sd15 is text-to-image only")
+    (_demo_sd15 if demo else _sd15)(c)
   if task:
     (_demo_task if demo else _paper_task)(c, task)
   return c
 
 
 def _presets(arg):
-  """``(demo, task)`` of the comma-separated presets: ``demo_<task>`` is ``demo,<task>``;
-  at most one task."""
+  """``(demo, task, sd15)`` of the comma-separated presets: ``demo_<task>`` is
+  ``demo,<task>``; at most one task."""
   names = []
   for p in parse_presets(arg, PRESETS, "configs/metaquery.py"):
     names += ["demo", p[len("demo_"):]] if p.startswith("demo_") else [p]
@@ -169,7 +212,7 @@ def _presets(arg):
   if len(tasks) > 1:
     raise ConfigError(f"presets {arg!r} for configs/metaquery.py name {len(tasks)} tasks "
                       f"({', '.join(tasks)}); a run has one")
-  return "demo" in names, (tasks[0] if tasks else None)
+  return "demo" in names, (tasks[0] if tasks else None), "sd15" in names
 
 
 def _demo(c):
@@ -206,6 +249,31 @@ def _demo(c):
   c.optim.lr = 2e-3
   c.optim.warmup_steps = 100
   c.optim.weight_decay = 0.01
+
+
+def _sd15(c):
+  """The paper's COCO-FID decoder: frozen SD1.5 UNet + KL autoencoder, 77 queries at caption
+  width 768 (the connector's [b, 77, 768] is the UNet's encoder_hidden_states), DDPM epsilon
+  loss with uniform t; everything else as MetaQuery-B (the bridge trains). FID's CFG 3.0."""
+  c.model.num_queries = 77
+  c.decoder.update(kind="sd15", autoencoder="kl", trainable=False)
+  c.decoder.ae = SD15_VAE
+  c.sample.guidance = 3.0
+
+
+def _demo_sd15(c):
+  """``demo,sd15``: the demo's tiny MLLM and bridge with a tiny random UNet (trainable: there
+  are no SD1.5 weights on a laptop) on the demo's 32px pixels, the DDPM loss and DDPM
+  samplers. ``decoder.ae`` is a tiny KL autoencoder for ``--config.decoder.autoencoder=kl``
+  (random and frozen: plumbing checks only)."""
+  c.decoder.update(kind="sd15", trainable=True, unet=dict(
+      in_channels=48, out_channels=48, sample_size=8, block_out_channels=[64, 128],
+      layers_per_block=1, attention_head_dim=2, cross_attention_dim=64, norm_num_groups=16,
+      down_block_types=["CrossAttnDownBlock2D"] * 2, up_block_types=["CrossAttnUpBlock2D"] * 2))
+  c.decoder.ae = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=32,
+                      block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8,
+                      down_block_types=["DownEncoderBlock2D"] * 2,
+                      up_block_types=["UpDecoderBlock2D"] * 2)
 
 
 # Image tokens per input image of LLaVA-OneVision-0.5B on MetaQuery's 384x384 crop (anyres:

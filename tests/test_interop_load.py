@@ -90,8 +90,8 @@ def test_unknown_formats_are_one_line_errors(tmp_path):
   assert "\n" not in msg and "gpt_neo" in msg and isinstance(err.value, MmjaxError)
   for name in ("qwen2", "llada", "llava_llada", "SanaTransformer2DModel", "AutoencoderDC"):
     assert name in msg
-  (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
-  with pytest.raises(interop.UnknownModelFormat, match="UNet2DConditionModel.*AutoencoderDC"):
+  (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet3DConditionModel"}))
+  with pytest.raises(interop.UnknownModelFormat, match="UNet3DConditionModel.*AutoencoderDC"):
     interop.load(str(tmp_path))
   with pytest.raises(MissingCheckpoint, match="absent"):
     interop.load(str(tmp_path / "absent"))

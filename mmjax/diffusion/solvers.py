@@ -5,7 +5,9 @@ configured ``use_flow_sigmas=True, flow_shift=3.0, prediction_type='flow_predict
 (DPM-Solver++ 2M, midpoint, final sigma 0), 30 steps, with classifier-free guidance on the
 velocity. This module reproduces that schedule and solver step for step (tests compare the
 whole trajectory with diffusers) without per-step Python: the number of steps is the static
-length of ``sigmas``, the model is traced once, and the loop state is ``(x, last x0)``.
+length of ``sigmas``, the model is traced once, and the loop state is ``(x, last x0)``. The
+solver itself, `dpm_solver_pp_2m`, is written for any Gaussian path ``alpha x0 + sigma eps``;
+`mmjax.diffusion.ddpm` drives it on SD1.5's discrete (epsilon-prediction) schedule.
 
 Conventions: ``model_fn(x, t) -> velocity`` with ``x`` ``[batch, ...]`` and ``t`` ``[batch]``
 on diffusers' timestep scale (0..1000); the velocity is ``eps - x0`` (see `flow`). Latents
@@ -95,23 +97,13 @@ def euler_sample(model_fn: ModelFn, x_T, sigmas, timesteps=None,
   return (x, traj) if return_trajectory else x
 
 
-def _lambda(sigma):
-  """Half log-SNR of the flow path: ``log(alpha) - log(sigma)`` with ``alpha = 1 - sigma``."""
-  return jnp.log(1.0 - sigma) - jnp.log(sigma)
-
-
 def dpm_solver_2m_sample(model_fn: ModelFn, x_T, sigmas, timesteps=None,
                          lower_order_final: bool = True, return_trajectory: bool = False):
   """DPM-Solver++ 2M (multistep, order 2, midpoint) on the flow path; one ``lax.scan``.
 
-  Per step, as diffusers does: the velocity becomes a data prediction
-  ``x0 = x - sigma v``; with ``lambda = log((1 - sigma) / sigma)`` and
-  ``h = lambda_next - lambda``,
-  ``x_next = (sigma_next / sigma) x - alpha_next (e^{-h} - 1) (D0 + D1 / 2)``, where
-  ``D0 = x0`` and ``D1 = (x0 - x0_prev) / r``, ``r = h_prev / h`` (``D1 = 0``: first order,
-  i.e. DDIM). First order is used on the first step, and on the last step when the final
-  sigma is 0 (always with flow sigmas) or when ``lower_order_final`` and fewer than 15
-  steps -- diffusers' rules. A final sigma of 0 makes the last step return its ``x0``.
+  The flow path is ``alpha = 1 - sigma``: the velocity becomes a data prediction
+  ``x0 = x - sigma v`` and `dpm_solver_pp_2m` does the rest (diffusers' update, first order
+  on the first step and on the last when the final sigma is 0 -- always with flow sigmas).
 
   ``sigmas`` ``[N + 1]``, ``timesteps`` ``[N]`` from `flow_sigmas` (or any descending
   schedule; timesteps default to ``1000 sigma``). Returns the final latents, plus
@@ -123,20 +115,51 @@ def dpm_solver_2m_sample(model_fn: ModelFn, x_T, sigmas, timesteps=None,
   >>> bool(jnp.allclose(x, 2.0, atol=1e-4))
   True
   """
-  sigmas, timesteps, n = _schedule(sigmas, timesteps)
+  sigmas, timesteps, _ = _schedule(sigmas, timesteps)
+
+  def data_fn(x, t, alpha, sigma):
+    del alpha
+    return x - sigma * model_fn(x, t).astype(jnp.float32)   # flow prediction -> x0
+
+  return dpm_solver_pp_2m(data_fn, x_T, 1.0 - sigmas, sigmas, timesteps, lower_order_final,
+                          return_trajectory)
+
+
+def dpm_solver_pp_2m(data_fn, x_T, alphas, sigmas, timesteps, lower_order_final: bool = True,
+                     return_trajectory: bool = False):
+  """DPM-Solver++ 2M (data prediction, order 2, midpoint) on any Gaussian path
+  ``x_t = alpha_t x0 + sigma_t eps``: diffusers' ``DPMSolverMultistepScheduler`` update as
+  one ``lax.scan``.
+
+  ``alphas``, ``sigmas`` ``[N + 1]`` are the path's coefficients at the step boundaries
+  (descending noise; the last may have sigma 0), ``timesteps [N]`` what the model receives at
+  each step. ``data_fn(x, t [batch], alpha, sigma) -> x0`` turns the model's output into a
+  data prediction (flow: ``x - sigma v``; epsilon: ``(x - sigma eps) / alpha``). With
+  ``lambda = log(alpha / sigma)`` and ``h = lambda_next - lambda``,
+  ``x_next = (sigma_next / sigma) x - alpha_next (e^{-h} - 1) (D0 + D1 / 2)``, ``D0 = x0``,
+  ``D1 = (x0 - x0_prev) / r``, ``r = h_prev / h`` (``D1 = 0``: first order, i.e. DDIM).
+  First order on the first step, and on the last step when the final sigma is 0 or when
+  ``lower_order_final`` and fewer than 15 steps -- diffusers' rules. A final sigma of 0 makes
+  the last step return its ``x0``. Returns the final latents, plus ``[N, *x_T.shape]``
+  latents after every step when ``return_trajectory``.
+  """
+  alphas = jnp.asarray(alphas, jnp.float32)
+  sigmas = jnp.asarray(sigmas, jnp.float32)
+  timesteps = jnp.asarray(timesteps, jnp.float32)
+  n = sigmas.shape[0] - 1
   step_index = jnp.arange(n)
-  s_prev = sigmas[jnp.maximum(step_index - 1, 0)]
+  prev = jnp.maximum(step_index - 1, 0)
   final_first_order = (sigmas[-1] == 0.0) | (lower_order_final and n < 15)
   first_order = (step_index == 0) | ((step_index == n - 1) & final_first_order)
+  lam = jnp.log(alphas) - jnp.log(sigmas)              # half log-SNR; +inf at sigma 0
 
   def step(carry, xs):
-    x, x0_prev = carry                             # latents, last data prediction
-    s_p, s, s_next, t, first = xs
-    x0 = x - s * _call(model_fn, x, t)             # flow prediction -> data prediction
-    lam_next, lam, lam_p = _lambda(s_next), _lambda(s), _lambda(s_p)
-    h, h_prev = lam_next - lam, lam - lam_p
-    phi = (1.0 - s_next) * (jnp.exp(-h) - 1.0)     # alpha_next (e^{-h} - 1); -1 at sigma 0
-    x_next = (s_next / s) * x - phi * x0           # first-order (DDIM) update
+    x, x0_prev = carry                                 # latents, last data prediction
+    a, s, a_next, s_next, lam_p, lam_s, lam_next, t, first = xs
+    x0 = data_fn(x, jnp.full((x.shape[0],), t, jnp.float32), a, s).astype(jnp.float32)
+    h, h_prev = lam_next - lam_s, lam_s - lam_p
+    phi = a_next * (jnp.exp(-h) - 1.0)                 # alpha_next (e^{-h} - 1); -1 at sigma 0
+    x_next = (s_next / s) * x - phi * x0               # first-order (DDIM) update
     # Second-order correction; 1/r = h / h_prev is inf on the first / last step, so it is
     # zeroed there before it can meet x0 (no NaN even in the branch not taken).
     inv_r = jnp.where(first, 0.0, h / jnp.where(first, 1.0, h_prev))
@@ -144,8 +167,9 @@ def dpm_solver_2m_sample(model_fn: ModelFn, x_T, sigmas, timesteps=None,
     return (x_next, x0), x_next
 
   x = jnp.asarray(x_T, jnp.float32)
-  (x, _), traj = jax.lax.scan(step, (x, jnp.zeros_like(x)),
-                              (s_prev, sigmas[:-1], sigmas[1:], timesteps, first_order))
+  xs = (alphas[:-1], sigmas[:-1], alphas[1:], sigmas[1:], lam[prev], lam[:-1], lam[1:],
+        timesteps, first_order)
+  (x, _), traj = jax.lax.scan(step, (x, jnp.zeros_like(x)), xs)
   return (x, traj) if return_trajectory else x
 
 

@@ -34,6 +34,8 @@ from mmjax.interop.tables import Family
 FAMILIES = {
     "SanaTransformer2DModel": "mmjax.models.sana_dit",
     "AutoencoderDC": "mmjax.models.dc_ae",
+    "UNet2DConditionModel": "mmjax.models.unet2d",
+    "AutoencoderKL": "mmjax.models.autoencoder_kl",
 }
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -68,8 +70,9 @@ def load_diffusers(path: str, mesh: Optional[jax.sharding.Mesh] = None, rules=No
   """Loads a diffusers model directory as ``(module, params)``.
 
   Args:
-    path: directory with ``config.json`` (``_class_name`` SanaTransformer2DModel or
-      AutoencoderDC) and ``diffusion_pytorch_model.safetensors`` or a sharded index.
+    path: directory with ``config.json`` (``_class_name`` SanaTransformer2DModel,
+      AutoencoderDC, UNet2DConditionModel or AutoencoderKL) and
+      ``diffusion_pytorch_model.safetensors`` or a sharded index.
     mesh, rules: place every parameter on ``NamedSharding(mesh, spec)``, ``spec`` from its
       logical axis names and ``rules`` (default ``mmjax.config.default_logical_rules()``);
       each host reads one reference tensor at a time and keeps only its devices' shards.
@@ -118,7 +121,8 @@ def save_diffusers(module_cfg, params, path: str, *, dtype: Any = None,
   """Writes a diffusers model directory that ``<Class>.from_pretrained(path)`` loads.
 
   Args:
-    module_cfg: our config (``SanaConfig`` / ``DCAEConfig``; ``module.config``).
+    module_cfg: our config (``SanaConfig`` / ``DCAEConfig`` / ``UNetConfig`` /
+      ``AutoencoderKLConfig``; ``module.config``).
     params: its params (boxed or not, with or without the ``'params'`` level).
     dtype: floating tensor dtype on disk (default: as the params are).
     max_shard_bytes: above this total, weights go to ``diffusion_pytorch_model-0000k-of-

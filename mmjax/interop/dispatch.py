@@ -2,12 +2,13 @@
 ``save`` any of our family models back to its reference layout.
 
 A directory's ``config.json`` says what it holds: diffusers names its class
-(``_class_name``: ``SanaTransformer2DModel``, ``AutoencoderDC``), transformers its
-``model_type`` (``qwen2``, ``llada``, ``Dream``, ``siglip_vision_model``, ``llava_onevision``,
-``llava_llada``, ...; else ``architectures``). ``load`` picks the family from the registries
-(``hf.FAMILIES`` / ``hf.MODEL_TYPES``, ``diffusers_io.FAMILIES``), checks every tensor name
-and shape, and streams each tensor onto its ``NamedSharding`` (given a mesh): one reference
-tensor at a time in host memory, each device's shard placed directly. ``save`` dispatches on
+(``_class_name``: ``SanaTransformer2DModel``, ``AutoencoderDC``, ``UNet2DConditionModel``,
+``AutoencoderKL``), transformers its ``model_type`` (``qwen2``, ``llada``, ``Dream``,
+``siglip_vision_model``, ``llava_onevision``, ``llava_llada``, ...; else ``architectures``).
+``load`` picks the family from the registries (``hf.FAMILIES`` / ``hf.MODEL_TYPES``,
+``diffusers_io.FAMILIES``), checks every tensor name and shape, and streams each tensor onto
+its ``NamedSharding`` (given a mesh): one reference tensor at a time in host memory, each
+device's shard placed directly. ``save`` dispatches on
 ``module.config.family``.
 
 Example::

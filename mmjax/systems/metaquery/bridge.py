@@ -18,9 +18,12 @@ The method ("Transfer between Modalities with MetaQueries", spec/metaquery.md):
 4. **Decoder.** The condition replaces the text encoder's output of a Sana DiT, i.e. it
    enters *before* Sana's own caption projection and caption norm (which train)
    (``MetaQueryModel.velocity``). Latents come from a frozen DC-AE (or, for CPU demos, from
-   pixels by space-to-depth).
-5. **Training** (`system.MetaQuery.loss`). Flow matching (`mmjax.diffusion.flow`), caption
-   -> "" with p=0.1 so the unconditional branch is the MLLM on the empty prompt (queries
+   pixels by space-to-depth). The SD1.5 decoder: the condition ``[b, 77, 768]`` is the
+   UNet's ``encoder_hidden_states`` (CLIP's place); latents are posterior samples of the
+   frozen KL autoencoder.
+5. **Training** (`system.MetaQuery.loss`). Flow matching (`mmjax.diffusion.flow`; SD1.5:
+   DDPM epsilon prediction with uniform integer t, `mmjax.diffusion.ddpm`), caption -> ""
+   with p=0.1 so the unconditional branch is the MLLM on the empty prompt (queries
    included).
 6. **Sampling** (`system.MetaQuery.generate`). One XLA program: prompts and empty prompts
    -> conditions, DPM-Solver++ 2M with flow sigmas and two-way CFG batched in one DiT call
@@ -31,7 +34,9 @@ The method ("Transfer between Modalities with MetaQueries", spec/metaquery.md):
    prompt) and three-way CFG sampling.
 
 Parameters: ``mllm`` (frozen), ``queries [N, D]``, ``markers [2, D]`` (begin, end),
-``connector``, ``dit``, ``vae`` (frozen; only with ``decoder.autoencoder='dc_ae'``).
+``connector``, ``dit`` (the decoder's denoiser: the Sana DiT, or SD1.5's UNet -- one group
+name, so freezing and loading treat both alike), ``vae`` (frozen; with
+``decoder.autoencoder`` 'dc_ae' or 'kl').
 """
 from __future__ import annotations
 
@@ -44,12 +49,12 @@ import jax
 import jax.numpy as jnp
 
 from mmjax import core
-from mmjax.models import dc_ae, image_tokens, sana_dit
+from mmjax.models import autoencoder_kl, dc_ae, image_tokens, sana_dit, unet2d
 from mmjax.models import llava_onevision as lov
 from mmjax.models.lm import DecoderLM, LMConfig
 
 CONNECTORS = ("enc_proj", "proj_enc")
-AUTOENCODERS = ("dc_ae", "pixels")
+AUTOENCODERS = ("dc_ae", "kl", "pixels")
 
 
 # ============================================================================ connector
@@ -115,14 +120,15 @@ class Connector(nn.Module):
 
 # ============================================================================ the model
 class MetaQueryModel(nn.Module):
-  """MLLM + queries + connector + Sana DiT (+ DC-AE). Methods (``apply(..., method=...)``),
-  in the order of the method above:
+  """MLLM + queries + connector + Sana DiT (+ DC-AE), or SD1.5's UNet (+ KL autoencoder).
+  Methods (``apply(..., method=...)``), in the order of the method above:
 
   * ``query_states(prompt_ids, prompt_mask, views=None) -> [b, N, D]``  (steps 1, 2)
   * ``condition(prompt_ids, prompt_mask, views=None) -> [b, N, C]``     (step 3)
   * ``velocity(latents, t, cond) -> latents-shaped flow prediction``    (step 4; t on the
-    0..1000 scale)
-  * ``encode_images(images [-1, 1]) -> latents`` / ``decode_latents(latents) -> images``
+    0..1000 scale; the SD1.5 UNet predicts the noise epsilon at integer t in [0, 1000))
+  * ``encode_images(images [-1, 1], rng=None) -> latents`` (KL: the posterior sample with
+    ``rng``, else its mean) / ``decode_latents(latents) -> images``
   * ``image_tokens(views) -> [b, K*T, D]``                               (step 7)
   * ``__call__`` runs all of them (initialisation).
 
@@ -138,9 +144,9 @@ class MetaQueryModel(nn.Module):
   num_queries: int
   suffix_ids: tuple                     # tokens after <end_of_img> (e.g. <|im_end|>)
   connector: ConnectorConfig
-  dit: sana_dit.SanaConfig
-  autoencoder: str                      # 'dc_ae' | 'pixels'
-  ae: Optional[dc_ae.DCAEConfig] = None
+  dit: Any                              # sana_dit.SanaConfig | unet2d.UNetConfig (SD1.5)
+  autoencoder: str                      # 'dc_ae' | 'kl' | 'pixels'
+  ae: Optional[Any] = None              # dc_ae.DCAEConfig | autoencoder_kl.AutoencoderKLConfig
   pixel_patch: int = 4
   query_init_std: float = 0.02
   image_layout: Optional[Any] = None    # anyres.ImageLayout of every input image (tasks)
@@ -155,9 +161,14 @@ class MetaQueryModel(nn.Module):
     self.queries = self.param("queries", init, (self.num_queries, d), jnp.float32)
     self.markers = self.param("markers", init, (2, d), jnp.float32)   # begin, end of image
     self.bridge = Connector(self.connector, name="connector")
-    self.dit_model = sana_dit.SanaDiT(self.dit, name="dit")
+    if isinstance(self.dit, unet2d.UNetConfig):
+      self.dit_model = unet2d.UNet2DConditionModel(self.dit, name="dit")
+    else:
+      self.dit_model = sana_dit.SanaDiT(self.dit, name="dit")
     if self.autoencoder == "dc_ae":
       self.vae = dc_ae.AutoencoderDC(self.ae, name="vae")
+    elif self.autoencoder == "kl":
+      self.vae = autoencoder_kl.AutoencoderKL(self.ae, name="vae")
     elif self.autoencoder != "pixels":
       raise ValueError(f"decoder.autoencoder {self.autoencoder!r} not in {AUTOENCODERS}")
 
@@ -204,18 +215,27 @@ class MetaQueryModel(nn.Module):
 
   # -- 4: the decoder ------------------------------------------------------------------------
   def velocity(self, latents, t, cond):
-    """The DiT's flow prediction with the condition as its (unmasked) caption."""
+    """The DiT's flow prediction with the condition as its (unmasked) caption; the SD1.5
+    UNet's noise prediction with the condition as its ``encoder_hidden_states``."""
+    if isinstance(self.dit, unet2d.UNetConfig):
+      return self.dit_model(latents, t, cond)
     return self.dit_model(latents, t, cond, None)
 
-  def encode_images(self, images):
+  def encode_images(self, images, rng=None):
+    """Images in [-1, 1] -> the decoder's (scaled) latents, fp32. The KL autoencoder's
+    posterior is sampled with ``rng`` (training), its mean taken without."""
     if self.autoencoder == "pixels":
       return space_to_depth(images.astype(jnp.float32), self.pixel_patch)
+    if self.autoencoder == "kl":
+      mean, logvar = self.vae.encode(images)
+      z = mean if rng is None else autoencoder_kl.sample(mean, logvar, rng)
+      return autoencoder_kl.scale_latents(z, self.ae).astype(jnp.float32)
     return dc_ae.scale_latents(self.vae.encode(images), self.ae).astype(jnp.float32)
 
   def decode_latents(self, latents):
     if self.autoencoder == "pixels":
       return depth_to_space(latents, self.pixel_patch)
-    return self.vae.decode(dc_ae.unscale_latents(latents, self.ae))
+    return self.vae.decode(dc_ae.unscale_latents(latents, self.ae))   # DC-AE's rule = KL's
 
   # -- 7: input images -----------------------------------------------------------------------
   def image_tokens(self, views):

@@ -2,8 +2,9 @@
 
 Counted with the one counter (``mmjax.train.flops``): what trains at ``TRAINED`` passes,
 the frozen MLLM at ``THROUGH`` (forward + backward to its inputs, no weight gradients), the
-frozen vision tower at ``FORWARD`` (its features are a ``stop_gradient``); the frozen DC-AE
-encoder (forward) from XLA's cost analysis.
+frozen vision tower at ``FORWARD`` (its features are a ``stop_gradient``); the frozen
+autoencoder's encoder (forward) and SD1.5's UNet from XLA's cost analysis (the UNet at
+``THROUGH`` when frozen, as in the paper's SD1.5 setting).
 
 Example::
 
@@ -13,13 +14,12 @@ Example::
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
 from mmjax import core
-from mmjax.models import dc_ae, sana_dit
+from mmjax.models import autoencoder_kl, dc_ae, sana_dit, unet2d
 from mmjax.train import flops as fl
 
 
@@ -55,31 +55,52 @@ def vision_flops(vision, d_model: int, num_images: int, num_views: int) -> float
   return fl.flops(num_images * num_views * per_view, fl.FORWARD)
 
 
-@functools.lru_cache(maxsize=4)
-def ae_encode_flops(ae_cfg: Optional[dc_ae.DCAEConfig], resolution: int) -> float:
-  """FLOPs of the DC-AE encoder on one ``resolution`` image (XLA's cost analysis); 0 without
-  an autoencoder."""
-  if ae_cfg is None:
-    return 0.0
-  ae = dc_ae.AutoencoderDC(ae_cfg)
-  img = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
-  p = jax.eval_shape(ae.init, jax.random.key(0), img)
-  cost = jax.jit(functools.partial(ae.apply, method=ae.encode)).lower(p, img).cost_analysis()
+def _xla_flops(fn, *args) -> float:
+  """XLA's FLOP count of ``fn`` on abstract ``args`` (lowered, never compiled)."""
+  cost = jax.jit(fn).lower(*args).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float((cost or {}).get("flops", 0.0))
 
 
-def train_flops_per_example(text: core.TransformerConfig, conn, dit: sana_dit.SanaConfig, *,
-                            num_queries: int, seq_len: int, latent_shape: tuple,
-                            ae_flops: float = 0.0, vis_flops: float = 0.0) -> float:
+@functools.lru_cache(maxsize=4)
+def ae_encode_flops(ae_cfg, resolution: int) -> float:
+  """FLOPs of the autoencoder's encoder (``dc_ae.DCAEConfig`` or ``autoencoder_kl.
+  AutoencoderKLConfig``) on one ``resolution`` image (XLA's cost analysis); 0 without one."""
+  if ae_cfg is None:
+    return 0.0
+  kl = isinstance(ae_cfg, autoencoder_kl.AutoencoderKLConfig)
+  ae = autoencoder_kl.AutoencoderKL(ae_cfg) if kl else dc_ae.AutoencoderDC(ae_cfg)
+  img = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
+  p = jax.eval_shape(ae.init, jax.random.key(0), img)
+  return _xla_flops(functools.partial(ae.apply, method=ae.encode), p, img)
+
+
+@functools.lru_cache(maxsize=4)
+def unet_macs_per_sample(cfg: unet2d.UNetConfig, latent_shape: tuple, ctx: int) -> float:
+  """Multiply-adds of one UNet forward on one latent with ``ctx`` condition tokens (XLA's
+  FLOP count / 2)."""
+  unet = unet2d.UNet2DConditionModel(cfg)
+  args = (jax.ShapeDtypeStruct((1,) + tuple(latent_shape), jnp.float32),
+          jax.ShapeDtypeStruct((1,), jnp.float32),
+          jax.ShapeDtypeStruct((1, ctx, cfg.cross_attention_dim), jnp.float32))
+  p = jax.eval_shape(unet.init, jax.random.key(0), *args)
+  return _xla_flops(unet.apply, p, *args) / 2
+
+
+def train_flops_per_example(text: core.TransformerConfig, conn, dit, *, num_queries: int,
+                            seq_len: int, latent_shape: tuple, ae_flops: float = 0.0,
+                            vis_flops: float = 0.0, dit_trained: bool = True) -> float:
   """One example's training FLOPs: the frozen MLLM's text stack ``text`` over ``seq_len``
   tokens (prompt, markers, queries, suffix) at 4x, the connector ``conn`` (a
-  ``bridge.ConnectorConfig``) and the DiT at 6x, plus the frozen encoders' forward FLOPs
-  ``ae_flops`` and ``vis_flops``."""
+  ``bridge.ConnectorConfig``) at 6x, the denoiser ``dit`` (``sana_dit.SanaConfig`` or
+  ``unet2d.UNetConfig``) at 6x (4x unless ``dit_trained``), plus the frozen encoders'
+  forward FLOPs ``ae_flops`` and ``vis_flops``."""
   n, s = num_queries, seq_len
   mllm_f = fl.flops(fl.stack_macs(text, s, s), fl.THROUGH)
   conn_f = fl.flops(fl.stack_macs(conn.encoder(), n, n)
                     + fl.dense_macs(n, conn.in_dim, conn.out_dim)
                     + fl.dense_macs(n, conn.out_dim, conn.out_dim), fl.TRAINED)
-  dit_f = fl.flops(dit_flops_per_sample(dit, latent_shape, n), fl.TRAINED)
+  dit_macs = (unet_macs_per_sample(dit, tuple(latent_shape), n)
+              if isinstance(dit, unet2d.UNetConfig) else dit_flops_per_sample(dit, latent_shape, n))
+  dit_f = fl.flops(dit_macs, fl.TRAINED if dit_trained else fl.THROUGH)
   return mllm_f + conn_f + dit_f + ae_flops + vis_flops

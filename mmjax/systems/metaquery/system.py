@@ -1,11 +1,12 @@
 """MetaQuery as the trainer sees it: configs -> model, data, loss, sampling, modes.
 
 ``MetaQuery(config)`` builds the parts from ``configs/metaquery.py`` (the MLLM from
-``mllm.*``, the prompt layout, the connector and queries from ``model.*``, the Sana DiT and
-autoencoder from ``decoder.*``), checks that pretrained checkpoints exist when
-``model.init='pretrained'`` (``MissingCheckpoint`` names each one), and implements the
-``mmjax.systems.base.System`` contract. The method itself is `bridge`; what the image tasks
-add, `tasks`; the launcher's modes, `modes` (sample, eval) and `export`.
+``mllm.*``, the prompt layout, the connector and queries from ``model.*``, the decoder from
+``decoder.*``: Sana DiT + DC-AE trained by flow matching, or -- ``decoder.kind='sd15'`` --
+SD1.5's UNet + KL autoencoder trained by DDPM epsilon prediction), checks that pretrained
+checkpoints exist when ``model.init='pretrained'`` (``MissingCheckpoint`` names each one),
+and implements the ``mmjax.systems.base.System`` contract. The method itself is `bridge`;
+what the image tasks add, `tasks`; the launcher's modes, `modes` (sample, eval) and `export`.
 
 Example (CPU demo: trains, then writes samples and step-0 vs trained ShapesEval)::
 
@@ -34,10 +35,10 @@ import numpy as np
 
 from mmjax.core.conv_shifts import cpu_apply
 from mmjax.data import BadRecord, image as image_ops, shapes_tasks
-from mmjax.diffusion import flow, solvers
+from mmjax.diffusion import ddpm, flow, solvers
 from mmjax.errors import ConfigError, MissingCheckpoint
 from mmjax.interop.subtree import load_into
-from mmjax.models import dc_ae, qwen2, sana_dit
+from mmjax.models import autoencoder_kl, dc_ae, qwen2, sana_dit, unet2d
 from mmjax.models import llava_onevision as lov
 from mmjax.models.lm import LMConfig
 from mmjax.systems.base import System
@@ -50,6 +51,7 @@ from mmjax.systems.metaquery.prompt import PromptFormat
 TASKS = ("t2i", "reconstruct", "edit", "instruct")   # model.task
 FROZEN = ("mllm", "vae")          # top-level parameter groups that never train
 INITS = ("pretrained", "random")  # model.init
+DECODERS = ("sana", "sd15")       # decoder.kind
 
 
 def _mllm_config(m, dtype, scan_layers, remat):
@@ -77,9 +79,14 @@ def _diffusers_config(section, path, cls, **overrides):
 
 def checkpoint_paths(config) -> dict:
   """``{field: directory}`` of the pretrained checkpoints a config loads."""
-  out = {"mllm.path": config.mllm.path, "decoder.dit_path": config.decoder.dit_path}
-  if config.decoder.autoencoder == "dc_ae":
-    out["decoder.ae_path"] = config.decoder.ae_path
+  dec = config.decoder
+  out = {"mllm.path": config.mllm.path}
+  if dec.kind == "sd15":
+    out["decoder.unet_path"] = dec.unet_path
+  else:
+    out["decoder.dit_path"] = dec.dit_path
+  if dec.autoencoder in ("dc_ae", "kl"):
+    out["decoder.ae_path"] = dec.ae_path
   return out
 
 
@@ -97,9 +104,15 @@ def check_checkpoints(config) -> None:
         "MetaQuery needs pretrained checkpoints, each a directory with a config.json: "
         "LLaVA-OneVision-0.5B (llava-hf/llava-onevision-qwen2-0.5b-ov-hf) as --config.mllm.path"
         " and Sana-1.6B 512px in diffusers format (transformer/ and vae/) as "
-        "--config.decoder.dit_path and --config.decoder.ae_path; or run the CPU demo with "
+        "--config.decoder.dit_path and --config.decoder.ae_path (configs/metaquery.py:sd15: "
+        "SD1.5's unet/ and vae/ as --config.decoder.unet_path and --config.decoder.ae_path); "
+        "or run the CPU demo with "
         "--config configs/metaquery.py:demo (--config.model.init=random skips loading, e.g. "
         "for launch/aot.py)"))
+
+
+def _rms(x):
+  return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
 
 
 class MetaQuery(System):
@@ -133,12 +146,23 @@ class MetaQuery(System):
                         f"vocabulary {text.vocab_size}")
     if self.images:
       self.images.check_prompts(self.prompts, self.mllm_cfg)
-    self.dit_cfg = _diffusers_config(dec.dit, dec.dit_path, sana_dit.SanaConfig, dtype=dtype,
-                                     scan_layers=config.scan_layers,
-                                     remat_policy=config.remat_policy)
+    if dec.kind not in DECODERS:
+      raise ConfigError(f"decoder.kind {dec.kind!r} is not one of {DECODERS}")
+    if dec.kind == "sd15":
+      if self.task != "t2i":
+        raise ConfigError(f"decoder.kind='sd15' is text-to-image only (model.task={self.task!r})")
+      self.dit_cfg = _diffusers_config(dec.unet, dec.unet_path, unet2d.UNetConfig, dtype=dtype,
+                                       remat_policy=config.remat_policy)
+    else:
+      self.dit_cfg = _diffusers_config(dec.dit, dec.dit_path, sana_dit.SanaConfig, dtype=dtype,
+                                       scan_layers=config.scan_layers,
+                                       remat_policy=config.remat_policy)
     self.ae_cfg = None
     if dec.autoencoder == "dc_ae":
       self.ae_cfg = _diffusers_config(dec.ae, dec.ae_path, dc_ae.DCAEConfig, dtype=dtype)
+    elif dec.autoencoder == "kl":
+      self.ae_cfg = _diffusers_config(dec.ae, dec.ae_path, autoencoder_kl.AutoencoderKLConfig,
+                                      dtype=dtype)
     elif dec.autoencoder != "pixels":
       raise ConfigError(f"decoder.autoencoder {dec.autoencoder!r} not in {AUTOENCODERS}")
     self.conn_cfg = ConnectorConfig(
@@ -156,6 +180,18 @@ class MetaQuery(System):
     self.resolution = config.data.resolution
     self.sigmas, self.timesteps = solvers.flow_sigmas(config.sample.num_steps,
                                                       config.sample.flow_shift)
+    self.alphas_cumprod = self.ddpm_schedule = None      # SD1.5: the DDPM schedule
+    if dec.kind == "sd15":
+      d = config.ddpm
+      self.alphas_cumprod = ddpm.alphas_cumprod(d.beta_schedule, d.beta_start, d.beta_end,
+                                                d.num_train_timesteps)
+      self.ddpm_schedule = ddpm.schedule(
+          config.sample.solver, config.sample.num_steps, self.alphas_cumprod,
+          spacing=d.timestep_spacing, steps_offset=d.steps_offset,
+          set_alpha_to_one=d.set_alpha_to_one)
+    elif config.sample.solver != "dpm_solver_2m":
+      raise ConfigError(f"sample.solver {config.sample.solver!r}: the Sana decoder samples with "
+                        f"'dpm_solver_2m' (flow sigmas)")
 
   @functools.cached_property
   def empty_prompt(self) -> tuple[np.ndarray, np.ndarray]:
@@ -202,7 +238,10 @@ class MetaQuery(System):
       dec = self.config.decoder
       scan = dict(scan_layers=self.config.scan_layers)
       params["mllm"] = load_into(params["mllm"], "hf", self.config.mllm.path, **scan)
-      params["dit"] = load_into(params["dit"], "diffusers", dec.dit_path, **scan)
+      if dec.kind == "sd15":
+        params["dit"] = load_into(params["dit"], "diffusers", dec.unet_path)
+      else:
+        params["dit"] = load_into(params["dit"], "diffusers", dec.dit_path, **scan)
       if "vae" in params:
         params["vae"] = load_into(params["vae"], "diffusers", dec.ae_path)
       variables = {**variables, "params": params}
@@ -214,7 +253,7 @@ class MetaQuery(System):
 
   def trainable_mask(self, params):
     """MLLM and autoencoder frozen; queries, markers, connector and (unless
-    ``decoder.trainable=False``) the DiT train."""
+    ``decoder.trainable=False``, as SD1.5's UNet is) the DiT train."""
     frozen = FROZEN + (() if self.config.decoder.trainable else ("dit",))
     return {k: jax.tree.map(lambda _, k=k: k not in frozen, v) for k, v in params.items()}
 
@@ -235,22 +274,27 @@ class MetaQuery(System):
     k_drop, k_sigma, k_noise = jax.random.split(rng, 3)
     fm = self.config.flow
     apply = functools.partial(self.apply, params)
-    x0 = jax.lax.stop_gradient(apply(batch["images"], method=MetaQueryModel.encode_images))
+    x0 = jax.lax.stop_gradient(apply(batch["images"], jax.random.fold_in(rng, 3),
+                                     method=MetaQueryModel.encode_images))   # KL: a sample
     if self.images:    # image tasks: per-task dropout to the null prompt / black images
       ids, mask, views, metrics = tasks.drop_conditions(self, k_drop, batch)
     else:
       ids, mask, drop = self._drop_captions(k_drop, batch["prompt_ids"], batch["prompt_mask"])
       views, metrics = None, {"dropped": drop.mean()}
+    eps = jax.random.normal(k_noise, x0.shape, jnp.float32)
+    cond = apply(ids, mask, views, method=MetaQueryModel.condition)
+    if self.alphas_cumprod is not None:    # SD1.5: DDPM epsilon prediction, uniform integer t
+      t = ddpm.sample_timesteps(k_sigma, x0.shape[0], len(self.alphas_cumprod))
+      pred = apply(ddpm.add_noise(x0, eps, t, self.alphas_cumprod), t.astype(jnp.float32),
+                   cond, method=MetaQueryModel.velocity)
+      return ddpm.epsilon_loss(pred, eps), {**metrics, "cond_rms": _rms(cond)}
     sigma = flow.sample_sigmas(k_sigma, x0.shape[0], kind=fm.sigma_sampler,
                                num_levels=fm.num_levels or None, shift=fm.shift,
                                logit_mean=fm.logit_mean, logit_std=fm.logit_std)
-    eps = jax.random.normal(k_noise, x0.shape, jnp.float32)
-    cond = apply(ids, mask, views, method=MetaQueryModel.condition)
     pred = apply(flow.add_noise(x0, eps, sigma), flow.timesteps_from_sigmas(sigma), cond,
                  method=MetaQueryModel.velocity)
     loss = flow.flow_matching_loss(pred, x0, eps)
-    return loss, {**metrics, "cond_rms": jnp.sqrt(jnp.mean(jnp.square(
-        cond.astype(jnp.float32))))}
+    return loss, {**metrics, "cond_rms": _rms(cond)}
 
   def flops_per_step(self, batch_size):
     """Analytic training FLOPs (`flops`): the frozen MLLM at 4x, what trains at 6x, the
@@ -262,22 +306,26 @@ class MetaQuery(System):
         seq_len=self.prompts.max_len + n + 2 + len(self.prompts.suffix_ids),
         latent_shape=self.latent_shape,
         ae_flops=flops.ae_encode_flops(self.ae_cfg, self.resolution),
-        vis_flops=self.images.vision_flops(self.mllm_cfg) if self.images else 0.0)
+        vis_flops=self.images.vision_flops(self.mllm_cfg) if self.images else 0.0,
+        dit_trained=bool(self.config.decoder.trainable))
     return float(batch_size * per_example)
 
   # -- sampling -----------------------------------------------------------------------------
   def sample_latents(self, params, cond, uncond, noise, guidance=None):
     """DPM-Solver++ 2M from ``noise [b, h, w, c]`` (fp32) with two-way CFG: one batched DiT
     call on ``[uncond; cond]`` per step, one ``lax.scan``. ``cond``/``uncond`` are
-    ``[b, N, C]`` connector outputs."""
+    ``[b, N, C]`` connector outputs. SD1.5: ``sample.solver`` (DPM-Solver++ 2M or DDIM) on
+    the DDPM schedule, guiding the UNet's noise prediction."""
     scale = self.config.sample.guidance if guidance is None else guidance
     both = jnp.concatenate([uncond, cond])
 
     def batched(x, t):
       return self.apply(params, x, t, both, method=MetaQueryModel.velocity)
 
-    return solvers.dpm_solver_2m_sample(solvers.cfg_two_way(batched, scale), noise,
-                                        self.sigmas, self.timesteps)
+    guided = solvers.cfg_two_way(batched, scale)
+    if self.ddpm_schedule is not None:
+      return ddpm.sample(self.config.sample.solver, guided, noise, self.ddpm_schedule)
+    return solvers.dpm_solver_2m_sample(guided, noise, self.sigmas, self.timesteps)
 
   def _generate(self, params, prompt_ids, prompt_mask, rng, guidance=None):
     """Jittable: prompts ``[b, P]`` -> images float ``[b, R, R, 3]`` in [-1, 1]."""
