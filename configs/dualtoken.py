@@ -173,25 +173,25 @@ def unified_config(presets):
                  schedule="cosine", end_lr_ratio=0.1, clip_norm=1.0)
 
   if demo:   # a tiny Qwen2 over the shapes-world words, on the tokenizer demo's codes
-    c.total_steps = 1500
+    c.total_steps = 1200
     c.log_every = 50
-    c.checkpoint_every = 500
+    c.checkpoint_every = 600
     c.dtype = "float32"
     c.remat_policy = "none"
     c.scan_layers = False
-    c.tokenizer.total_steps = 800
-    c.tokenizer.checkpoint_every = 800
+    c.tokenizer.total_steps = 700
+    c.tokenizer.checkpoint_every = 700
     c.model.update(lm_init="random", train_tokenizer=True, code_embed_dim=64, seq_len=80)
     c.model.lm_config = dict(vocab_size=0, hidden_size=128, intermediate_size=256,
-                             num_hidden_layers=4, num_attention_heads=4,
+                             num_hidden_layers=3, num_attention_heads=4,
                              num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
                              tie_word_embeddings=True)
-    c.model.head = dict(width=64, layers=3, heads=4, mlp_dim=128)
+    c.model.head = dict(width=64, layers=2, heads=4, mlp_dim=128)
     c.text.update(tokenizer="shapes", bos="<bos>", eos="<eos>", pad="<pad>", boi="<boi>",
                   eoi="<eoi>")
     c.sample.update(max_new_tokens=10, num_images=16)
     c.eval.update(num_prompts=64, num_captions=64)
     c.data.categories = "single_object,colors"
-    c.data.batch_size = 32
+    c.data.batch_size = 16
     c.optim.update(lr=1e-3, warmup_steps=100, weight_decay=0.0, end_lr_ratio=0.1)
   return c
