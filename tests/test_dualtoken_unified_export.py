@@ -103,7 +103,9 @@ def test_layout_config_and_prompts(run):
   assert (cfg["positions"], cfg["depths"], cfg["code_embed_dim"], cfg["hidden_size"]) == (
       c.positions, c.depths, c.code_embed_dim, c.lm.stack.d_model)
   h = cfg["pixel_head"]
-  assert (h["width"], h["num_layers"], h["num_heads"], h["codebook_size"]) == (64, 3, 4, 256)
+  st = c.pixel_head.stack
+  assert (h["width"], h["num_layers"], h["num_heads"], h["codebook_size"]) == (
+      st.d_model, st.num_layers, st.num_heads, 256)
   assert cfg["text_tokenizer"] == "lm/tokenizer.json" and cfg["image_tokenizer"] == "tokenizer"
   lm_cfg = json.load(open(os.path.join(out_dir, "lm", "config.json")))
   assert lm_cfg["model_type"] == "qwen2" and lm_cfg["tie_word_embeddings"] is True
@@ -114,7 +116,9 @@ def test_layout_config_and_prompts(run):
                                 np.asarray(params["visual"]["proj"]["kernel"]).T)
   np.testing.assert_array_equal(sd["semantic_head.classifiers.3.weight"].numpy(),
                                 np.asarray(params["semantic_head"]["classifier"][3]).T)
-  assert "pixel_head.layers.2.self_attn.o_proj.weight" in sd
+  last = st.num_layers - 1
+  assert f"pixel_head.layers.{last}.self_attn.o_proj.weight" in sd
+  assert f"pixel_head.layers.{last + 1}.self_attn.o_proj.weight" not in sd
   # the script lays out the same prompts from the exported tokenizer.json
   np.testing.assert_array_equal(run["t_ids"].numpy(), run["ids"])
   np.testing.assert_array_equal(run["t_mask"].numpy().astype(bool), run["mask"])
