@@ -49,7 +49,7 @@ DREAM_7B = dict(
 SIGLIP_SO400M = dict(
     hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
     image_size=384, patch_size=14, layer_norm_eps=1e-6)
-PRESETS = ("stage1", "stage2", "stage3", "dream", "demo")
+PRESETS = ("stage1", "stage2", "stage3", "dream", "demo", "demo_long")
 
 
 def get_config(arg=None):
@@ -102,12 +102,22 @@ def get_config(arg=None):
       temperature=0.0,
       cfg_scale=0.0,
       threshold=0.0,             # > 0: confidence-threshold parallel decoding (steps unused)
-      cache="prefix",            # none | prefix | dual
+      cache="prefix",            # none | prefix | block | dual | elastic
+      refresh_gamma=0.9,         # cache elastic: refresh when the attention drift test's
+                                 # cosine similarity falls below this
       num_images=16,             # sample mode: captions written
   )
   c.eval = dict(
       num_scenes=256,            # held-out shapes scenes for the speed / quality table
       threshold=0.9,             # threshold-decoding rows of the table
+      thresholds=(),             # demo_long: the threshold rows (e.g. 0.9, 0.7)
+      gen_lengths=(),            # demo_long: answer slots of the table (e.g. 64, 128)
+      caches=(),                 # demo_long: the cache modes of the table
+      batch=64,                  # demo_long: scenes decoded at once
+      timing_repeats=2,          # demo_long: timed runs of every setting, interleaved
+      data_path="",              # caption-set eval (data.source array_record / tfds): the
+                                 # held-out set ("" = data.path), e.g. a val glob
+      split="",                  # its TFDS split ("" = data.split), e.g. "val"
       infill_slots=3 if stage == 3 else 1,   # [M] slots per hole in the infill rows (a FIM
                                              # model fills a hole with words + [S] filler)
   )
@@ -134,6 +144,8 @@ def get_config(arg=None):
     c.model.update(backbone="dream", prompt="dream")
     c.model.llm_config = DREAM_7B
 
+  if "demo_long" in presets and "demo" not in presets:
+    presets = presets + ["demo"]           # demo_long is the demo with long answers
   if "demo" in presets:
     # what makes the tiny model learn on 2 CPU cores: 64px scenes cut into 32px tiles (objects
     # 13-20 px, 8px patches), SigLIP / projector initialised as the references draw them
@@ -169,4 +181,23 @@ def get_config(arg=None):
     c.optim.warmup_steps = 100
     c.optim.lr_groups = []
     c.optim.weight_decay = 0.01
+  if "demo_long" in presets:
+    # long answers (mmjax/data/shapes_describe.py): 2-4 objects, each with its grid cell, and
+    # every pair's relation, 26-86 tokens, in a 128-token slot (EOS padding up to the slot's
+    # end in training: extra pad up to 48). One 48 px view in 16 px patches, unpooled: a
+    # patch is a cell of the 3 x 3 grid the descriptions use. Batch 8 at lr 2e-3: more
+    # updates per minute (the model reads colours from the image only after ~1000 steps). The
+    # table decodes at 64 (scenes whose description fits) and 128, in blocks of 32
+    c.data.source = "shapes_describe"
+    c.data.caption_fraction = 0.5   # short captions mixed in (empty question)
+    c.data.resolution = 48
+    c.data.batch_size = 8
+    c.total_steps = 2000
+    c.optim.lr = 2e-3
+    c.model.update(anyres=False, pool=False, answer_len=128, extra_pad=(-8, 48),
+                   max_prompt_text=5)            # + the question 'describe'
+    c.model.vision_config.update(image_size=48, patch_size=8)
+    c.sample.update(steps=128, block_length=32, cache="dual", threshold=0.9)
+    c.eval.update(num_scenes=128, thresholds=(0.9, 0.7), gen_lengths=(64, 128),
+                  caches=("none", "prefix", "block", "dual", "elastic"))
   return c

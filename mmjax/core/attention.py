@@ -33,7 +33,7 @@ from mmjax.core.norms import RMSNorm
 
 
 def dot_product_attention(q, k, v, mask=None, *, impl: str = "xla",
-                          scale: Optional[float] = None):
+                          scale: Optional[float] = None, return_weights: bool = False):
   """Softmax attention with grouped kv heads.
 
   Args:
@@ -43,14 +43,18 @@ def dot_product_attention(q, k, v, mask=None, *, impl: str = "xla",
     impl: 'xla' (einsum, fp32 softmax) or 'dot_product_attention' (``jax.nn``'s fused op,
       which picks cuDNN / TPU kernels where they apply).
     scale: logit scale, default ``head_dim ** -0.5``.
+    return_weights: also return the attention weights averaged over heads, fp32
+      ``[batch, q_len, kv_len]`` ('xla' only; e.g. for a cache-refresh test).
 
-  Returns ``[batch, q_len, heads, head_dim]`` in ``q.dtype``. Fully masked rows give a finite,
-  meaningless average (never NaN).
+  Returns ``[batch, q_len, heads, head_dim]`` in ``q.dtype`` (and the weights). Fully masked
+  rows give a finite, meaningless average (never NaN).
   """
   b, s, h, d = q.shape
   kvh = k.shape[2]
   scale = 1.0 / math.sqrt(d) if scale is None else scale
   if impl == "dot_product_attention":
+    if return_weights:
+      raise ValueError("return_weights needs attention impl 'xla' (the fused op hides them)")
     return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
                                         scale=scale)
   if impl != "xla":
@@ -64,9 +68,10 @@ def dot_product_attention(q, k, v, mask=None, *, impl: str = "xla",
     mask = (mask.reshape(mb, 1, 1, s, -1) if mh == 1
             else mask.reshape(mb, kvh, g, s, -1))
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
-  return out.reshape(b, s, h, d).astype(q.dtype)
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v)
+  out = out.reshape(b, s, h, d).astype(q.dtype)
+  return (out, jnp.mean(probs, axis=(1, 2))) if return_weights else out
 
 
 def relu_linear_attention(q, k, v, eps: float = 1e-15):
@@ -162,7 +167,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, mask, positions=None, context=None, cache=None, cache_index=None,
-               cache_valid=None):
+               cache_valid=None, return_weights: bool = False):
     """Attends ``x [batch, len, embed]`` to itself (and to a cache), or to ``context``.
 
     Args:
@@ -181,8 +186,11 @@ class Attention(nn.Module):
         place of "the slots before ``cache_index``": queries see these and the slots written
         now (restricted by ``mask``). All True lets the mask alone decide, so a block in the
         middle of a filled cache can be rewritten while seeing the slots after it.
+      return_weights: also return the attention weights averaged over heads ``[batch, len,
+        kv_len]`` fp32 (``dot_product_attention``).
 
-    Returns ``y [batch, len, embed]`` without a cache, ``(y, (key, value))`` with one.
+    Returns ``y [batch, len, embed]`` without a cache, ``(y, (key, value))`` with one; with
+    ``return_weights`` that and the weights, ``(result, weights)``.
     """
     c = self.cfg
     b, s, _ = x.shape
@@ -231,10 +239,14 @@ class Attention(nn.Module):
         mask = make_attention_mask("causal", s, max_len, q_offset=cache_index)
       mask = mask & written[:, None, None, :]
 
-    out = dot_product_attention(q, k, v, mask, impl=c.attention_impl)
+    out = dot_product_attention(q, k, v, mask, impl=c.attention_impl,
+                                return_weights=return_weights)
+    if return_weights:
+      out, weights = out
     out = constrain(out, ("act_batch", "act_length", "act_heads", None))
     y = HeadDense(in_axes=(-2, -1), in_names=("heads", "head_dim"), out_shape=(x.shape[-1],),
                   out_names=("embed",), use_bias=c.out_bias, dtype=c.dtype,
                   param_dtype=c.param_dtype, init_std=c.init_std, name="o_proj")(out)
     y = constrain(y, ("act_batch", "act_length", "act_embed"))
-    return y if cache is None else (y, new_cache)
+    result = y if cache is None else (y, new_cache)
+    return (result, weights) if return_weights else result

@@ -81,10 +81,12 @@ class DecoderLayer(nn.Module):
   ``mask`` is a mask, or ``(choices [k, ...], pick)``: this layer attends with
   ``choices[pick]`` (``TransformerStack(mask_choice=...)``).
   With ``emit_hidden`` it returns ``(x, (cache, x))``: the scan then stacks every layer's
-  output (layer taps) next to the cache.
+  output (layer taps) next to the cache. With ``emit_attention`` that second item becomes
+  ``(item, weights)``: the attention weights averaged over heads ``[batch, len, kv_len]``.
   """
   cfg: TransformerConfig
   emit_hidden: bool = False
+  emit_attention: bool = False
 
   @nn.compact
   def __call__(self, x, mask, positions, cache, cache_index, deterministic, cache_valid=None):
@@ -95,7 +97,10 @@ class DecoderLayer(nn.Module):
     x = constrain(x, ("act_batch", "act_length", "act_embed"))
     h = make_norm(c.norm, c.norm_eps, c.dtype, c.param_dtype, "input_norm")(x)
     h = Attention(c, name="self_attn")(h, mask=mask, positions=positions, cache=cache,
-                                       cache_index=cache_index, cache_valid=cache_valid)
+                                       cache_index=cache_index, cache_valid=cache_valid,
+                                       return_weights=self.emit_attention)
+    if self.emit_attention:
+      h, weights = h
     if cache is not None:
       h, cache = h
     if c.dropout_rate:
@@ -107,7 +112,8 @@ class DecoderLayer(nn.Module):
     if c.dropout_rate:
       h = nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
     x = constrain(x + h, ("act_batch", "act_length", "act_embed"))
-    return x, ((cache, x) if self.emit_hidden else cache)
+    out = (cache, x) if self.emit_hidden else cache
+    return x, ((out, weights) if self.emit_attention else out)
 
 
 class TapLayer(nn.Module):
@@ -124,9 +130,11 @@ class TapLayer(nn.Module):
   layer: Any                      # the (possibly remat-wrapped) DecoderLayer class
   tap_layers: tuple
   emit_hidden: bool = False
+  emit_attention: bool = False
 
   def setup(self):
-    self.inner = self.layer(self.cfg, emit_hidden=self.emit_hidden)
+    self.inner = self.layer(self.cfg, emit_hidden=self.emit_hidden,
+                            emit_attention=self.emit_attention)
     nn.share_scope(self, self.inner)
 
   def __call__(self, carry, mask, positions, cache, cache_index, deterministic, cache_valid=None):
@@ -147,7 +155,8 @@ class TransformerStack(nn.Module):
   def __call__(self, x, *, mask, positions=None, cache: Optional[KVCache] = None,
                decode: bool = False, deterministic: bool = True,
                return_hidden_states: bool = False, cache_valid=None,
-               tap_layers: tuple = (), mask_choice: tuple = ()):
+               tap_layers: tuple = (), mask_choice: tuple = (),
+               return_attention: bool = False):
     """``x [batch, len, d_model]`` -> same shape (no final norm).
 
     Args:
@@ -182,6 +191,9 @@ class TransformerStack(nn.Module):
         and writes a tap with a select when the count matches: memory is ``len(tap_layers)``
         activations, not ``num_layers`` (``return_hidden_states`` keeps every layer).
         Parameters and ``x`` are the same as without taps.
+      return_attention: also return every layer's attention weights averaged over heads,
+        ``[layers, batch, len, kv_len]`` fp32 (attention impl 'xla'), after ``hidden`` and
+        before ``taps`` (e.g. Elastic-Cache's drift test in ``diffusion.masked.caches``).
 
     Example::
 
@@ -230,19 +242,27 @@ class TransformerStack(nn.Module):
                          jnp.zeros((len(tap_layers),) + x.shape, x.dtype))
         carry = (x, constrain(taps, TAP_AXES), jnp.zeros((), jnp.int32))
         (x, taps, _), out = nn.scan(TapLayer, **scan_kw)(
-            c, layer, tap_layers, emit_hidden=return_hidden_states, name=LAYERS)(
+            c, layer, tap_layers, emit_hidden=return_hidden_states,
+            emit_attention=return_attention, name=LAYERS)(
                 carry, mask, positions, kv, index, deterministic, cache_valid)
       else:
-        x, out = nn.scan(layer, **scan_kw)(c, emit_hidden=return_hidden_states, name=LAYERS)(
+        x, out = nn.scan(layer, **scan_kw)(c, emit_hidden=return_hidden_states,
+                                           emit_attention=return_attention, name=LAYERS)(
             x, mask, positions, kv, index, deterministic, cache_valid)
+      if return_attention:
+        out, attention = out
       kv, hidden = out if return_hidden_states else (out, None)
     else:
-      outs, kept = [], {0: x}
+      outs, kept, weights = [], {0: x}, []
       for i in range(c.num_layers):
         layer_kv = None if kv is None else (kv[0][i], kv[1][i])
         layer_mask = mask[mask_choice[i]] if mask_choice else mask
-        x, out = layer(c, emit_hidden=return_hidden_states, name=f"{LAYERS}_{i}")(
+        x, out = layer(c, emit_hidden=return_hidden_states, emit_attention=return_attention,
+                       name=f"{LAYERS}_{i}")(
             x, layer_mask, positions, layer_kv, index, deterministic, cache_valid)
+        if return_attention:
+          out, w = out
+          weights.append(w)
         outs.append(out if return_hidden_states else (out, None))
         if i + 1 in tap_layers:
           kept[i + 1] = x
@@ -251,10 +271,13 @@ class TransformerStack(nn.Module):
       if kv is not None:
         kv = tuple(jnp.stack([o[0][j] for o in outs]) for j in range(2))
       hidden = jnp.stack([o[1] for o in outs]) if return_hidden_states else None
+      attention = jnp.stack(weights) if return_attention else None
     result = (x,) if cache is None else (x, KVCache(key=kv[0], value=kv[1],
                                                     index=cache.index + s))
     if return_hidden_states:
       result += (hidden,)
+    if return_attention:
+      result += (attention,)
     if tap_layers:
       result += (taps,)
     return result[0] if len(result) == 1 else result

@@ -51,6 +51,9 @@ def make_source(data_cfg, seed: int):
   """The random-access source that ``data_cfg.source`` names.
 
   ``shapes``: the shapes world (``data_cfg.resolution``; optional ``data_cfg.categories``).
+  ``shapes_describe``: shapes scenes with their full descriptions as captions
+  (``shapes_describe.DescribeSource``, ``data_cfg.resolution``, optional
+  ``data_cfg.caption_fraction`` of short captions mixed in).
   ``array_record``: ``ArrayRecordSource(data_cfg.path)`` (a glob). ``tfds``:
   ``TfdsSource(data_cfg.path, data_cfg.split)``, optional fields ``data_dir``,
   ``image_key``, ``caption_key``.
@@ -66,6 +69,10 @@ def make_source(data_cfg, seed: int):
     if isinstance(categories, str):
       categories = tuple(c.strip() for c in categories.split(",") if c.strip())
     return ShapesSource(seed=seed, resolution=data_cfg.resolution, categories=categories)
+  if kind == "shapes_describe":
+    from mmjax.data.shapes_describe import DescribeSource  # pylint: disable=import-outside-toplevel
+    return DescribeSource(seed=seed, resolution=data_cfg.resolution,
+                          caption_fraction=data_cfg.get("caption_fraction", 0.0))
   if kind == "array_record":
     from mmjax.data.sources import ArrayRecordSource  # pylint: disable=import-outside-toplevel
     if not data_cfg.path:
@@ -78,7 +85,8 @@ def make_source(data_cfg, seed: int):
     return TfdsSource(data_cfg.path, data_cfg.split, data_dir=data_cfg.get("data_dir", None) or None,
                       image_key=data_cfg.get("image_key", "image"),
                       caption_key=data_cfg.get("caption_key", "caption"))
-  raise ValueError(f"unknown data.source {kind!r}; known: shapes | array_record | tfds")
+  raise ValueError(f"unknown data.source {kind!r}; known: shapes | shapes_describe | "
+                   f"array_record | tfds")
 
 
 class _Bad:

@@ -43,7 +43,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Sequence
 
 import numpy as np
@@ -265,18 +264,7 @@ class ShapesTaskSource:
     return f"ShapesTaskSource({self.task!r}, seed={self.seed}, {self.kw})"
 
 
-@functools.lru_cache(maxsize=None)
 def task_tokenizer():
   """``shapes_tokenizer()`` with `EXTRA_WORDS` appended (existing ids unchanged)."""
-  import tokenizers  # pylint: disable=import-outside-toplevel
-  from tokenizers import models  # pylint: disable=import-outside-toplevel
-  from mmjax.data.tokenizer import SPECIAL_TOKENS, MARKER_TOKENS, TextTokenizer, shapes_tokenizer  # pylint: disable=import-outside-toplevel
-  base = shapes_tokenizer()
-  vocab = dict(base.tokenizer.get_vocab(with_added_tokens=True))
-  for w in EXTRA_WORDS:
-    if w not in vocab:
-      vocab[w] = len(vocab)
-  tok = tokenizers.Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-  tok.normalizer, tok.pre_tokenizer = base.tokenizer.normalizer, base.tokenizer.pre_tokenizer
-  tok.add_special_tokens(list(SPECIAL_TOKENS + MARKER_TOKENS))
-  return TextTokenizer(tok)
+  from mmjax.data.tokenizer import extended_shapes_tokenizer  # pylint: disable=import-outside-toplevel
+  return extended_shapes_tokenizer(tuple(EXTRA_WORDS))

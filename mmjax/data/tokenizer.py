@@ -126,3 +126,18 @@ def shapes_tokenizer(num_captions: int = 512, seed: int = 0) -> TextTokenizer:
   tok.normalizer, tok.pre_tokenizer = norm, pre
   tok.add_special_tokens(specials)
   return TextTokenizer(tok)
+
+
+@functools.lru_cache(maxsize=None)
+def extended_shapes_tokenizer(words: tuple) -> TextTokenizer:
+  """``shapes_tokenizer()`` with ``words`` appended in order (every existing id unchanged):
+  the shapes-world tasks with a few more words (``shapes_tasks``, ``shapes_describe``)."""
+  base = shapes_tokenizer()
+  vocab = dict(base.tokenizer.get_vocab(with_added_tokens=True))
+  for w in words:
+    if w not in vocab:
+      vocab[w] = len(vocab)
+  tok = tokenizers.Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+  tok.normalizer, tok.pre_tokenizer = base.tokenizer.normalizer, base.tokenizer.pre_tokenizer
+  tok.add_special_tokens(list(SPECIAL_TOKENS + MARKER_TOKENS))
+  return TextTokenizer(tok)

@@ -94,8 +94,11 @@ class DecoderLM(nn.Module):
     return self.embed_tokens(input_ids)
 
   def features(self, input_ids=None, attention_mask=None, positions=None, cache=None, *,
-               inputs_embeds=None, deterministic: bool = True, mask=None, cache_valid=None):
-    """Final hidden states after the final norm ``[batch, len, embed]`` (and the cache)."""
+               inputs_embeds=None, deterministic: bool = True, mask=None, cache_valid=None,
+               return_attention: bool = False):
+    """Final hidden states after the final norm ``[batch, len, embed]`` (and the cache; and
+    with ``return_attention`` every layer's head-averaged attention weights ``[layers,
+    batch, len, kv_len]``, ``core.TransformerStack``)."""
     c = self.config
     x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
     b, s = x.shape[:2]
@@ -111,11 +114,16 @@ class DecoderLM(nn.Module):
       positions = default_positions(attention_mask, b, s, offset)
     h = self.decoder(x, mask=mask, positions=positions, cache=cache,
                      decode=cache is not None, deterministic=deterministic,
-                     cache_valid=cache_valid)
+                     cache_valid=cache_valid, return_attention=return_attention)
+    if return_attention:
+      h, attention = h[:-1], h[-1]
+      h = h[0] if cache is None else h
     if cache is not None:
       h, cache = h
-    h = self.final_norm(h)
-    return h if cache is None else (h, cache)
+    result = (self.final_norm(h),) + (() if cache is None else (cache,))
+    if return_attention:
+      result += (attention,)
+    return result[0] if len(result) == 1 else result
 
   def logits(self, hidden, shift_logits: Optional[bool] = None):
     """Output head on final hidden states -> fp32 logits, shifted for Dream (row i for token

@@ -6,8 +6,8 @@
 * ``drafts``     infill drafts: checking, padding, stripping [S] / [FIM] from the output;
 * ``denoiser``   what the sampler needs from a model (``DiffusionLM``: logits of a sequence,
                  with or without a KV cache; or a plain ``logits_fn``);
-* ``caches``     the three ways to get a block's logits (none / prefix / dual), as small
-                 strategy objects;
+* ``caches``     the ways to get a block's logits (none / prefix / block / dual / elastic),
+                 as small strategy objects;
 * ``sampler``    ``generate``: the one ``while_loop`` (propose, remask, commit).
 
 The numpy preparation of training answers (EOS padding, [FIM] insertion) is

@@ -13,6 +13,8 @@ position. Two kinds:
   ``hidden(embeds, slot_mask, prompt_len)``     a full pass (optionally filling a KV cache);
   ``prefill(prompt_embeds, prompt_mask, n)``    the prompt alone into a fresh cache;
   ``extend(embeds, cache, slot_mask, pos)``     a few positions against a fixed cache;
+  ``window(embeds, cache, slot_mask, pos)``     the same, keeping their new K/V in the
+                                                cache, with the attention weights;
   ``block_logits(h, start, length)``            logits of positions ``start ..`` (Dream's
                                                 shifted prediction handled here).
 
@@ -66,9 +68,10 @@ class DiffusionLM:
       mask = mask & ((k < prompt_len) | (q >= prompt_len))
     return mask
 
-  def _features(self, embeds, mask, positions, cache=None, cache_valid=None):
+  def _features(self, embeds, mask, positions, cache=None, cache_valid=None,
+                return_attention: bool = False):
     return self._apply("features", inputs_embeds=embeds, mask=mask, positions=positions,
-                       cache=cache, cache_valid=cache_valid)
+                       cache=cache, cache_valid=cache_valid, return_attention=return_attention)
 
   def hidden(self, embeds, slot_mask, prompt_len: int, with_cache: bool = False):
     """Full pass over ``embeds [b, T, E]`` (prompt then answer) -> hidden ``[b, T, E]``;
@@ -101,6 +104,16 @@ class DiffusionLM:
     b, s = embeds.shape[:2]
     mask = jnp.broadcast_to(slot_mask[:, None, None, :], (b, 1, s, slot_mask.shape[1]))
     return self._features(embeds, mask, positions, cache, cache_valid=slot_mask)[0]
+
+  def window(self, embeds, cache, slot_mask, positions):
+    """`extend` that keeps what it computed: ``(h [b, s, E], cache with the window's new
+    K/V written at cache.index .., attention [layers, b, s, max_len])`` -- every layer's
+    attention weights of the window's queries, averaged over heads (attention impl 'xla')."""
+    b, s = embeds.shape[:2]
+    mask = jnp.broadcast_to(slot_mask[:, None, None, :], (b, 1, s, slot_mask.shape[1]))
+    h, new, attention = self._features(embeds, mask, positions, cache, cache_valid=slot_mask,
+                                       return_attention=True)
+    return h, new.replace(index=cache.index), attention
 
   def block_logits(self, h, start, length: int):
     """fp32 logits ``[b, length, V]`` of positions ``start ..`` of hidden states ``h``; a

@@ -3,8 +3,8 @@
 The answer starts as ``gen_length`` [MASK] tokens, cut into blocks decoded left to right
 (semi-autoregressive); ``steps`` are split evenly across blocks. One step:
 
-1. the denoiser scores the current block (``caches``: recomputed, prefix-cached or
-   dual-cached); with CFG, ``u + (w + 1)(c - u)`` where ``u`` is the model with the prompt
+1. the denoiser scores the current block (``caches``: recomputed, prefix-cached, block-prefix
+   cached, dual-cached or elastic-cached); with CFG, ``u + (w + 1)(c - u)`` where ``u`` is the model with the prompt
    replaced by [MASK] (both halves batched in one call);
 2. inside the block a proposal ``x0`` is drawn by Gumbel-max on ``logits / T`` (``T = 0``:
    argmax) and scored (`propose`): 'low_confidence' = softmax probability of ``x0`` under the
@@ -66,7 +66,7 @@ from mmjax.diffusion.masked.schedules import (INFILL_STEPS, SCHEDULES, infill_ta
                                               transfer_schedule)
 
 REMASKINGS = ("low_confidence", "random")
-CACHES = tuple(STRATEGIES)             # none | prefix | dual
+CACHES = tuple(STRATEGIES)             # none | prefix | block | dual | elastic
 
 
 # ----------------------------------------------------------------------------- one step
@@ -117,6 +117,7 @@ class _Options:
   cache: str
   return_nfe: bool
   infill_steps: str = "jump"
+  refresh_gamma: Optional[float] = None
 
 
 def generate(logits_fn, prompt_ids=None, prompt_mask=None, *, gen_length: Optional[int] = None,
@@ -125,7 +126,8 @@ def generate(logits_fn, prompt_ids=None, prompt_mask=None, *, gen_length: Option
              schedule: str = "linear", shift_a: float = 1 / 3, cfg_scale: float = 0.0,
              threshold: Optional[float] = None, eos_id: Optional[int] = None,
              cache: str = "none", rng=None, prompt_embeds=None, return_nfe: bool = False,
-             draft_ids=None, draft_mask=None, infill_steps: str = "jump"):
+             draft_ids=None, draft_mask=None, infill_steps: str = "jump",
+             refresh_gamma: Optional[float] = None):
   """Samples ``gen_length`` answer tokens after each prompt (see the module docstring).
 
   Args:
@@ -150,6 +152,11 @@ def generate(logits_fn, prompt_ids=None, prompt_mask=None, *, gen_length: Option
       (``mask_id`` without one).
     infill_steps: 'jump' (spec, default) | 'full' (released code): steps of a block with
       m [M], see `infill_steps_for`.
+    cache: 'none' | 'prefix' (LaViDa's Prefix-DLM) | 'block' (Fast-dLLM's prefix cache) |
+      'dual' (Fast-dLLM) | 'elastic' (Elastic-Cache's drift refresh), see ``caches``.
+    refresh_gamma: cache 'elastic': refresh when the attention drift test's cosine
+      similarity falls below it (default 0.9; > 1 refreshes every step); other caches
+      ignore it.
 
   Returns the answer ``[b, gen_length]`` int32 (and the NFE count).
 
@@ -197,7 +204,7 @@ def generate(logits_fn, prompt_ids=None, prompt_mask=None, *, gen_length: Option
   if temperature < 0 or cfg_scale < 0:
     raise ValueError("temperature and cfg_scale must be >= 0")
   if plain and (cache != "none" or prompt_embeds is not None):
-    raise ValueError("cache='prefix'/'dual' and prompt_embeds need a DiffusionLM")
+    raise ValueError(f"cache={cache!r} and prompt_embeds need a DiffusionLM")
   if prompt_embeds is None and prompt_ids is None:
     raise ValueError("give prompt_ids or prompt_embeds")
   shape = (prompt_ids if prompt_embeds is None else prompt_embeds).shape[:2]
@@ -212,7 +219,7 @@ def generate(logits_fn, prompt_ids=None, prompt_mask=None, *, gen_length: Option
   opts = _Options(gen_length, block_length, steps if threshold is None else None, mask_id,
                   float(temperature), remasking, schedule, float(shift_a), float(cfg_scale),
                   None if threshold is None else float(threshold), eos_id, cache, return_nfe,
-                  infill_steps)
+                  infill_steps, None if refresh_gamma is None else float(refresh_gamma))
   model = LogitsFn(logits_fn) if plain else logits_fn
   rng = jax.random.key(0) if rng is None else rng
   return _generate(model, prompt_ids, prompt_mask, prompt_embeds, draft, real, rng, opts=opts)
@@ -251,7 +258,7 @@ def _generate(model, prompt_ids, prompt_mask, prompt_embeds, draft, real, rng, *
   slot_mask = rows(jnp.concatenate([prompt_mask, real], 1))                      # [r, P+G]
   layout = Layout(p, g, bl, slot_mask, core.positions_from_padding(slot_mask), guided=cfg)
   prompt = _guided_prompt(model, prompt_ids, prompt_embeds, prompt_mask, o.mask_id, cfg)
-  strategy = make_cache(o.cache, model, layout, prompt)
+  strategy = make_cache(o.cache, model, layout, prompt, refresh_gamma=o.refresh_gamma)
   state = strategy.init()
 
   # Blocks run left to right; the current one is the first with a hole left in any row

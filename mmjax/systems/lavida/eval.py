@@ -19,19 +19,38 @@ import jax
 import numpy as np
 
 from mmjax.data import shapes
-from mmjax.eval.captions import score_captions
+from mmjax.data.shapes_describe import DescribeSource
+from mmjax.eval.captions import score_captions, score_descriptions
 from mmjax.eval.pictures import caption_grid
 
 
-def held_out(config, num: int, preprocess):
-  """The first ``num`` held-out shapes scenes (seed ``config.seed + 10000``, the training
-  categories ``config.data.categories``) and their prompts as one batch."""
+def held_out_source(config):
+  """The held-out shapes scenes (seed ``config.seed + 10000``): the training categories
+  ``config.data.categories``, or described scenes for ``data.source='shapes_describe'``."""
+  if config.data.source == "shapes_describe":
+    return DescribeSource(seed=config.seed + 10_000, resolution=config.data.resolution)
   cats = [c.strip() for c in config.data.categories.split(",") if c.strip()]
-  src = shapes.ShapesSource(seed=config.seed + 10_000, categories=cats or None,
-                            resolution=config.data.resolution)
-  recs = [src[i] for i in range(num)]
+  return shapes.ShapesSource(seed=config.seed + 10_000, categories=cats or None,
+                             resolution=config.data.resolution)
+
+
+def score(config, texts, refs, categories=None) -> dict:
+  """Captions scored per attribute; long descriptions per object and attribute."""
+  if config.data.source == "shapes_describe":
+    return score_descriptions(texts, refs, categories)
+  return score_captions(texts, refs, categories)
+
+
+def batch_of(recs, preprocess) -> dict:
   examples = [preprocess(r) for r in recs]
-  return recs, {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def held_out(config, num: int, preprocess):
+  """The first ``num`` held-out scenes (`held_out_source`) and their prompts as one batch."""
+  src = held_out_source(config)
+  recs = [src[i] for i in range(num)]
+  return recs, batch_of(recs, preprocess)
 
 
 def _held_out(system, num: int):
@@ -69,7 +88,7 @@ def sample_mode(system, params, workdir):
   recs, batch = _held_out(system, int(system.config.sample.num_images))
   texts, _, _ = captions(system, params, batch, **system.sample_options())
   refs = [r["caption"] for r in recs]
-  scores = score_captions(texts, refs)
+  scores = score(system.config, texts, refs)
   os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
   with open(os.path.join(workdir, "samples", "lavida_captions.json"), "w") as f:
     json.dump({**scores, "captions": [{"reference": r, "generated": c}

@@ -54,7 +54,7 @@ from mmjax.interop.subtree import load_into
 from mmjax.models import siglip
 from mmjax.models.lm import DecoderLM
 from mmjax.systems.base import System
-from mmjax.systems.lavida import checkpoint, eval as lavida_eval
+from mmjax.systems.lavida import checkpoint, eval as lavida_eval, eval_captions, eval_long
 from mmjax.systems.lavida.data import (IMAGE_TOKEN_INDEX, PROMPT_KINDS, Prompter,
                                        VisionGeometry, make_example)
 from mmjax.train import flops as fl
@@ -157,9 +157,12 @@ class Lavida(System):
     """The chat template and tokenizer; None when no tokenizer is configured (a random-init
     full-size model, e.g. for AOT compiles: preprocess then raises)."""
     m = self.config.model
-    if m.prompt == "shapes":
+    if m.prompt == "shapes":           # the long-answer task has a few more words
+      from mmjax.data.shapes_describe import describe_tokenizer  # pylint: disable=import-outside-toplevel
       from mmjax.data.tokenizer import shapes_tokenizer  # pylint: disable=import-outside-toplevel
-      return Prompter.shapes(shapes_tokenizer(), m.question)
+      describe = self.config.data.source == "shapes_describe"
+      return Prompter.shapes(describe_tokenizer() if describe else shapes_tokenizer(),
+                             m.question)
     path = m.tokenizer_path or m.init_from or (m.llm_path if m.init == "pretrained" else "")
     if not path:
       return None
@@ -318,13 +321,15 @@ class Lavida(System):
     -> ``(answers [b, answer_len], nfe)``."""
     kw = dict(opts)
 
+    gen_length = kw.pop("gen_length", None) or self.answer_len
+
     @jax.jit
     def run(params, tokens, slot_mask, images, image_index, rng, draft, real):
       pe = self.model.apply({"params": params}, tokens, images, image_index,
                             method=LavidaModel.embed)
       return diffusion_generate(
           self.diffusion_lm(params), prompt_embeds=pe, prompt_mask=slot_mask,
-          gen_length=self.answer_len, mask_id=self.mask_id, eos_id=self.prompter.eos_id,
+          gen_length=gen_length, mask_id=self.mask_id, eos_id=self.prompter.eos_id,
           rng=rng, return_nfe=True, draft_ids=draft, draft_mask=real, **kw)
     return run
 
@@ -333,8 +338,8 @@ class Lavida(System):
     """Answers ``[b, answer_len]`` and the number of model calls for a batch of prompts
     (``tokens`` / ``slot_mask`` cut to the prompt, ``images``, ``image_index``: what
     ``preprocess`` gives). ``options``: the sampler's ``generate`` options (steps,
-    block_length, schedule, cache, threshold, infill_steps, ...). One compiled program per
-    distinct options.
+    block_length, schedule, cache, threshold, infill_steps, gen_length -- default
+    ``answer_len`` --, ...). One compiled program per distinct options.
 
     ``draft_ids [b, D <= answer_len]`` (``draft_mask``: False on padding): infill -- the
     answer starts from the draft, its ``mask_id`` positions are filled and every other token
@@ -406,9 +411,15 @@ class Lavida(System):
                                           skip_special_tokens=False)
 
   def modes(self):
-    """``--mode sample | eval | export`` (``eval.py``, ``checkpoint.py``)."""
+    """``--mode sample | eval | export`` (``eval.py``; long answers: ``eval_long.py``; a caption
+    set, ``data.source`` array_record / tfds: CIDEr-D, ``eval_captions.py``; ``checkpoint.py``)."""
+    source = self.config.data.source
+    if source in eval_captions.SOURCES:
+      evaluate = eval_captions.caption_set_eval
+    else:
+      evaluate = (eval_long if source == "shapes_describe" else lavida_eval).eval_mode
     return {"sample": functools.partial(lavida_eval.sample_mode, self),
-            "eval": functools.partial(lavida_eval.eval_mode, self),
+            "eval": functools.partial(evaluate, self),
             "export": functools.partial(checkpoint.export, self)}
 
 
