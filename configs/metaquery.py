@@ -128,6 +128,10 @@ def get_config(arg=None):
       min_images=2,            # shapes-world instruct data: fewest source images (spec: 2..6)
       image_views="anyres",    # input images: anyres (LLaVA-OV processor on the 384 crop:
                                # 2 views, 1485 tokens) | single (base view: 730 tokens)
+      init_from="",            # a MetaQuery checkpoint directory in the authors' layout
+                               # (model.* + vae.*, model_type metaquery): architecture + weights
+      export_layout="",        # --mode export: mmjax | release (the authors' layout) | both;
+                               # "" = mmjax, or both for a run started from init_from
   )
   c.mllm = dict(
       family="llava_onevision",  # llava_onevision | qwen2 (a text-only MLLM)

@@ -161,9 +161,12 @@ class Attention(nn.Module):
 
   def _l2_gain(self, x, name: str, head_axis: str):
     c = self.cfg
-    gain = self.param(name, nn.with_logical_partitioning(nn.initializers.ones, (head_axis,)),
-                      (x.shape[2],), c.param_dtype)
-    return l2_normalize(x) * (gain.astype(x.dtype)[:, None] * math.sqrt(c.head_dim))
+    # per head *and* per dimension ``[heads, head_dim]`` (MetaQuery's q_norm / k_norm gamma,
+    # stored by the reference as ``[heads, 1, head_dim]``)
+    gain = self.param(name, nn.with_logical_partitioning(nn.initializers.ones,
+                                                         (head_axis, "head_dim")),
+                      (x.shape[2], x.shape[3]), c.param_dtype)
+    return l2_normalize(x) * (gain.astype(x.dtype) * math.sqrt(c.head_dim))
 
   @nn.compact
   def __call__(self, x, *, mask, positions=None, context=None, cache=None, cache_index=None,

@@ -48,7 +48,7 @@ class TransformerConfig:
   out_bias: bool = False               # bias on o_proj
   mlp_bias: bool = False
   # None | 'rms': per-head RMSNorm on q and k before RoPE (Qwen3) |
-  # 'l2_after_rope': L2-normalise q, k after RoPE, times a learnable per-head gain,
+  # 'l2_after_rope': L2-normalise q, k after RoPE, times a learnable gain per head and dim,
   # times sqrt(head_dim) (MetaQuery's connector).
   qk_norm: Optional[str] = None
   dropout_rate: float = 0.0            # residual dropout after attention and MLP (train only)

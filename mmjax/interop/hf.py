@@ -55,12 +55,13 @@ FAMILIES = {
     "llava_onevision": "mmjax.models.llava_onevision",
     "qwen2_5_vl": "mmjax.models.qwen2_5_vl",
     "lavida": "mmjax.systems.lavida.checkpoint",
+    "metaquery": "mmjax.systems.metaquery.release",
 }
 MODEL_TYPES = {
     "qwen2": "qwen2", "Dream": "dream", "dream": "dream", "llada": "llada",
     "siglip_vision_model": "siglip_vision", "siglip": "siglip_vision",
     "llava_onevision": "llava_onevision", "qwen2_5_vl": "qwen2_5_vl",
-    "llava_llada": "lavida", "llava_dream": "lavida",
+    "llava_llada": "lavida", "llava_dream": "lavida", "metaquery": "metaquery",
 }
 
 

@@ -11,7 +11,10 @@ Modules (each imports only those above it in this list):
 * `tasks`    image tasks (reconstruct, edit, instruct): input images, condition dropout,
              three-way CFG sampling;
 * `modes`    sample grids and ShapesEval (``--mode sample | eval``);
-* `export`   export to PyTorch formats (``--mode export``; ``scripts/metaquery_to_torch.py``);
+* `release`  the authors' checkpoint layout (``model.*``, ``vae.*``): ``interop.load(DIR)``,
+             ``model.init_from``, ``--mode export`` with ``model.export_layout``;
+* `export`   export to PyTorch formats (``--mode export``; ``scripts/metaquery_to_torch.py``
+             generates images from it);
 * `system`   ``MetaQuery``, the trainer's view (registry name ``metaquery``).
 
 This file imports nothing, so ``import mmjax.systems.metaquery.prompt`` stays light.

@@ -11,7 +11,8 @@ The method ("Transfer between Modalities with MetaQueries", spec/metaquery.md):
 2. **Condition.** The final hidden states *after the final norm* at the N query positions.
    The MLLM is frozen, but gradients flow through it back to the queries.
 3. **Connector.** "Enc-Proj" (``Connector``): a bidirectional Qwen2-style encoder at the
-   MLLM width D (RoPE, QK-norm after RoPE, SwiGLU 4D, q/k/v biases, no final norm), then
+   MLLM width D (RoPE, QK-norm after RoPE with a gain per head and dimension, SwiGLU 4D,
+   q/k/v biases, no final norm), then
    Linear(D->C)-GELU(tanh)-Linear(C->C)-RMSNorm(C) with the norm's weight starting at
    sqrt(5.5). "Proj-Enc" projects first and runs the encoder at width C.
    ``MetaQueryModel.condition`` = connector(query states): ``[b, N, C]``.
@@ -151,6 +152,8 @@ class MetaQueryModel(nn.Module):
   query_init_std: float = 0.02
   image_layout: Optional[Any] = None    # anyres.ImageLayout of every input image (tasks)
   image_token_id: int = -1
+  full_mllm: bool = False               # init every MLLM weight (the vision tower of a
+                                        # text-to-image run too: the authors' layout has it)
 
   def setup(self):
     cfg = self.mllm_cfg
@@ -254,10 +257,28 @@ class MetaQueryModel(nn.Module):
     return jax.lax.stop_gradient(feats.reshape(b, -1, feats.shape[-1]))
 
   def __call__(self, prompt_ids, prompt_mask, images, views=None):
+    if self.full_mllm and not isinstance(self.mllm_cfg, LMConfig):
+      s = self.mllm_cfg.vision.image_size
+      self.mllm.image_features(jnp.zeros((1, s, s, 3), self.text_config.stack.dtype))
     z = self.encode_images(images)
     cond = self.condition(prompt_ids, prompt_mask, views)
     v = self.velocity(z, jnp.zeros((z.shape[0],), jnp.float32), cond)
     return v, self.decode_latents(z)
+
+
+def broadcast_qk_gains(params, cfg: ConnectorConfig):
+  """Params saved when the connector's QK-norm gain was one scalar per head (``q_gain`` /
+  ``k_gain`` ``[(layers,) heads]``) -> today's ``[(layers,) heads, head_dim]``, each head's
+  scalar on every dimension (the same function). Other leaves pass through."""
+  enc = cfg.encoder()
+  new = (enc.num_heads, enc.head_dim)
+
+  def fix(path, x):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name not in ("q_gain", "k_gain") or tuple(x.shape[-2:]) == new or x.shape[-1] != new[0]:
+      return x
+    return jnp.broadcast_to(jnp.asarray(x)[..., None], tuple(x.shape) + (new[1],))
+  return jax.tree_util.tree_map_with_path(fix, params)
 
 
 # ============================================================================ pixel latents

@@ -2,9 +2,11 @@
 
 ``export(system, params, out_dir)`` writes::
 
-  out_dir/transformer/   the Sana DiT, a diffusers SanaTransformer2DModel directory
+  out_dir/transformer/   the decoder: a diffusers SanaTransformer2DModel directory (SD1.5,
+                         decoder.kind=sd15: UNet2DConditionModel)
   out_dir/bridge/        model.safetensors (queries, markers, connector) + config.json
-  out_dir/vae/           the DC-AE, a diffusers AutoencoderDC directory (decoder.autoencoder=dc_ae)
+  out_dir/vae/           the autoencoder, a diffusers AutoencoderDC (decoder.autoencoder=dc_ae)
+                         or AutoencoderKL (kl) directory
   out_dir/mllm/          the frozen MLLM, a transformers directory -- only when the config
                          names no checkpoint (mllm.path empty: a random-init demo MLLM);
                          otherwise config.json's ``mllm.path`` says which checkpoint it is
@@ -17,7 +19,8 @@ The bridge's tensor names are those of ``scripts/metaquery_to_torch.py``'s ``Met
   queries [N, D]; markers [2, D] (begin_of_img, end_of_img)
   connector.encoder.layers.{i}.input_layernorm.weight
   connector.encoder.layers.{i}.self_attn.{q,k,v}_proj.{weight,bias}, .o_proj.weight
-  connector.encoder.layers.{i}.self_attn.{q,k}_gain [heads]  (QK-norm after RoPE)
+  connector.encoder.layers.{i}.self_attn.{q,k}_norm.gamma [heads, 1, head_dim]  (QK-norm
+      after RoPE; the authors' name and shape; format version 1 stored {q,k}_gain [heads])
   connector.encoder.layers.{i}.post_attention_layernorm.weight
   connector.encoder.layers.{i}.mlp.{gate,up,down}_proj.weight
   connector.projection.fc1.{weight,bias}, connector.projection.fc2.{weight,bias}
@@ -26,11 +29,16 @@ The bridge's tensor names are those of ``scripts/metaquery_to_torch.py``'s ``Met
 Example::
 
     python launch/tpu.py --config configs/metaquery.py:demo --workdir /tmp/mq --mode export
-    python scripts/metaquery_to_torch.py /tmp/mq/export     # rebuilds and checks it in torch
+    python scripts/metaquery_to_torch.py /tmp/mq/export --prompt "a red circle" --out x.png
+
+``--mode export`` also writes the authors' checkpoint layout (`release`) to out_dir/release
+when ``model.export_layout`` is 'release' or 'both', or -- that field absent or '' -- when
+the run started from such a checkpoint (``model.init_from``); 'release' writes it alone.
 """
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping
 
 import flax.linen as nn
@@ -40,11 +48,15 @@ import numpy as np
 from mmjax.interop import hf, save_hf
 from mmjax.interop.diffusers_io import save_diffusers
 from mmjax.interop.tables import FLATTEN, IDENTITY, LINEAR, LINEAR_OUT, Family, Rule
+from mmjax.systems.metaquery.release import HEAD_GAIN
 from mmjax.models import llava_onevision as lov
 from mmjax.models.lm import DecoderLM, LMConfig
 
 BRIDGE_FORMAT = "mmjax-metaquery-bridge"
+BRIDGE_VERSION = 2          # 2: QK-norm gains per head and dimension ({q,k}_norm.gamma)
 GROUPS = ("mllm", "queries", "markers", "connector", "dit")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.json", "chat_template.jinja")
 
 
 def bridge_table(conn_cfg) -> list:
@@ -58,7 +70,8 @@ def bridge_table(conn_cfg) -> list:
                    LINEAR_OUT if n == "o" else LINEAR),
               Rule(f"{hf_l}self_attn.{n}_proj.bias", f"{ours}/self_attn/{n}_proj/bias",
                    IDENTITY if n == "o" else FLATTEN)]       # o bias: only if configured
-  table += [Rule(f"{hf_l}self_attn.{n}_gain", f"{ours}/self_attn/{n}_gain") for n in "qk"]
+  table += [Rule(f"{hf_l}self_attn.{n}_norm.gamma", f"{ours}/self_attn/{n}_gain", HEAD_GAIN)
+            for n in "qk"]
   table += [Rule(f"{hf_l}mlp.{n}_proj.{w}", f"{ours}/mlp/{n}_proj/{k}", t)
             for n in ("gate", "up", "down")
             for w, k, t in (("weight", "kernel", LINEAR), ("bias", "bias", IDENTITY))]
@@ -87,7 +100,7 @@ def bridge_config(system) -> dict:
   prompts = system.prompts
   chat = c.mllm.prompt == "chat"
   return {
-      "format": BRIDGE_FORMAT, "version": 1,
+      "format": BRIDGE_FORMAT, "version": BRIDGE_VERSION,
       "task": c.model.task,                 # image tasks also put images in the user turn
       "num_queries": int(c.model.num_queries), "hidden_size": cc.in_dim,     # D (MLLM)
       "caption_channels": cc.out_dim,                                       # C (DiT)
@@ -100,8 +113,8 @@ def bridge_config(system) -> dict:
           "mlp_bias": enc.mlp_bias, "attention": "bidirectional", "mlp_act": "swiglu",
           "projection_act": "gelu_tanh"},
       "mllm": {"family": c.mllm.family, "path": c.mllm.path,
-               "tokenizer_dir": c.mllm.tokenizer_dir,
-               "exported": "mllm" if not c.mllm.path else None},
+               "tokenizer_dir": tokenizer_dir(system),
+               "exported": "mllm" if exports_mllm(system) else None},
       "prompt": {
           "kind": c.mllm.prompt, "system_prompt": prompts.system_prompt if chat else None,
           "max_len": prompts.max_len, "caption_tokens": prompts.caption_tokens,
@@ -117,14 +130,42 @@ def bridge_config(system) -> dict:
           "positions": "RoPE positions count real tokens from 0 (padding takes none)",
           "mask": "causal (the MLLM's own) over real tokens",
           "condition": "final hidden states after the final norm at the N query positions"},
-      "decoder": {"transformer": "transformer", "autoencoder": c.decoder.autoencoder,
+      "decoder": {"kind": c.decoder.kind, "transformer": "transformer",
+                  "autoencoder": c.decoder.autoencoder,
                   "vae": "vae" if system.ae_cfg is not None else None,
                   "pixel_patch": int(c.decoder.pixel_patch), "resolution": system.resolution,
                   "latent_shape_hwc": list(system.latent_shape)},
-      "sampling": {"solver": "DPM-Solver++ 2M, flow sigmas", "num_steps": c.sample.num_steps,
-                   "flow_shift": c.sample.flow_shift, "guidance": c.sample.guidance,
-                   "timestep": "sigma * 1000"},
+      "sampling": _sampling(c),
   }
+
+
+def _sampling(c) -> dict:
+  """How samples are drawn: Sana -- DPM-Solver++ 2M over flow sigmas, the DiT's timestep
+  sigma * 1000; SD1.5 -- ``sample.solver`` (dpm_solver_2m | ddim) on the DDPM schedule with
+  epsilon prediction (diffusers' scheduler of the same name and these fields)."""
+  out = {"solver": c.sample.solver, "num_steps": int(c.sample.num_steps),
+         "guidance": float(c.sample.guidance)}
+  if c.decoder.kind != "sd15":
+    return dict(out, flow_shift=float(c.sample.flow_shift), timestep="sigma * 1000",
+                prediction="flow")
+  d = c.ddpm
+  return dict(out, prediction="epsilon", beta_schedule=d.beta_schedule,
+              beta_start=float(d.beta_start), beta_end=float(d.beta_end),
+              num_train_timesteps=int(d.num_train_timesteps),
+              timestep_spacing=d.timestep_spacing or None, steps_offset=int(d.steps_offset),
+              set_alpha_to_one=bool(d.set_alpha_to_one))
+
+
+def tokenizer_dir(system) -> str:
+  """The directory of the chat tokenizer the prompts were made with ('' for none)."""
+  c, rel = system.config, getattr(system, "release", None)
+  return c.mllm.path or c.mllm.tokenizer_dir or (rel.mllm_dir if rel is not None else "")
+
+
+def exports_mllm(system) -> bool:
+  """Whether the export carries the MLLM (mllm/): a random-init MLLM (no ``mllm.path``) or
+  one read from the authors' checkpoint (its vocabulary rows differ from the base model's)."""
+  return not system.config.mllm.path or getattr(system, "release", None) is not None
 
 
 def _ids(ids):
@@ -133,8 +174,13 @@ def _ids(ids):
 
 README = """# MetaQuery export (mmjax)
 
+Generate in PyTorch (transformers MLLM + bridge + diffusers decoder, scheduler, VAE):
+
+    python scripts/metaquery_to_torch.py {out} --prompt "a red circle" --out image.png
+
 - `transformer/`: diffusers `SanaTransformer2DModel` (`from_pretrained`); the condition
   `[b, N, C]` is its `encoder_hidden_states` (no mask); timesteps on the 0..1000 scale.
+  SD1.5 runs: `UNet2DConditionModel`, the condition its `encoder_hidden_states`.
 - `bridge/`: `model.safetensors` (queries, markers, connector) + `config.json` (sizes, the
   prompt layout, sampling settings). Rebuild it with `scripts/metaquery_to_torch.py`:
 
@@ -147,11 +193,13 @@ README = """# MetaQuery export (mmjax)
   positions of `prompt | <begin_of_img> q_0..q_(N-1) <end_of_img> | suffix_ids`;
   `bridge.prompt_ids(caption_ids)` lays out one prompt (left padded) and
   `bridge.query_states(lm, ids, mask)` runs that sequence through a transformers causal LM.
-- `vae/` (DC-AE runs only): diffusers `AutoencoderDC`; DiT latents = (z - shift) *
-  scaling_factor, so decode `vae.decode(latents / scaling_factor + shift)`. Pixel runs:
+- `vae/` (DC-AE / KL runs): diffusers `AutoencoderDC` / `AutoencoderKL`; DiT latents =
+  (z - shift) * scaling_factor, so decode `vae.decode(latents / scaling_factor + shift)`.
+  Pixel runs:
   latents are `torch.nn.functional.pixel_unshuffle(images, pixel_patch)` (NCHW, [-1, 1]).
-- `mllm/` (only when the run had no MLLM checkpoint): transformers directory of the frozen
-  MLLM; otherwise `bridge/config.json` names it (`mllm.path`).
+- `mllm/` (when the run had no MLLM checkpoint, or read its MLLM from the authors' layout):
+  transformers directory of the frozen MLLM (and its tokenizer); otherwise
+  `bridge/config.json` names it (`mllm.path`).
 """
 
 
@@ -177,13 +225,17 @@ def export(system, params, out_dir: str, *, dtype=None) -> dict:
   if system.ae_cfg is not None:
     out["vae"] = os.path.join(out_dir, "vae")
     save_diffusers(system.ae_cfg, params["vae"], out["vae"], dtype=dtype)
-  if not system.config.mllm.path:
+  if exports_mllm(system):
     out["mllm"] = os.path.join(out_dir, "mllm")
     mllm = (DecoderLM(system.mllm_cfg) if isinstance(system.mllm_cfg, LMConfig)
             else lov.LlavaOnevision(system.mllm_cfg))
     save_hf(mllm, params["mllm"], out["mllm"], dtype=dtype)
     if system.config.mllm.prompt == "plain" and jax.process_index() == 0:   # demo tokenizer
       system.prompts.tokenizer.tokenizer.save(os.path.join(out["mllm"], "tokenizer.json"))
+    elif tokenizer_dir(system) and jax.process_index() == 0:    # the chat tokenizer beside it
+      for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(tokenizer_dir(system), name)):
+          shutil.copy(os.path.join(tokenizer_dir(system), name), out["mllm"])
   if jax.process_index() == 0:
     out["readme"] = os.path.join(out_dir, "README.md")
     with open(out["readme"], "w") as f:

@@ -4,7 +4,9 @@
 ``mllm.*``, the prompt layout, the connector and queries from ``model.*``, the decoder from
 ``decoder.*``: Sana DiT + DC-AE trained by flow matching, or -- ``decoder.kind='sd15'`` --
 SD1.5's UNet + KL autoencoder trained by DDPM epsilon prediction), checks that pretrained
-checkpoints exist when ``model.init='pretrained'`` (``MissingCheckpoint`` names each one),
+checkpoints exist when ``model.init='pretrained'`` (``MissingCheckpoint`` names each one) --
+or, with ``model.init_from=DIR``, takes the architecture and every weight from a checkpoint in
+the authors' layout (`release`; the config fields it implies are set from it) --,
 and implements the ``mmjax.systems.base.System`` contract. The method itself is `bridge`;
 what the image tasks add, `tasks`; the launcher's modes, `modes` (sample, eval) and `export`.
 
@@ -43,10 +45,10 @@ from mmjax.models import llava_onevision as lov
 from mmjax.models.lm import LMConfig
 from mmjax.systems.base import System
 from mmjax.systems.metaquery import export as export_lib
-from mmjax.systems.metaquery import flops, modes, tasks
+from mmjax.systems.metaquery import flops, modes, release as release_lib, tasks
 from mmjax.systems.metaquery.bridge import (AUTOENCODERS, CONNECTORS, ConnectorConfig,
                                             MetaQueryModel)
-from mmjax.systems.metaquery.prompt import PromptFormat
+from mmjax.systems.metaquery.prompt import SYSTEM_PROMPT, PromptFormat
 
 TASKS = ("t2i", "reconstruct", "edit", "instruct")   # model.task
 FROZEN = ("mllm", "vae")          # top-level parameter groups that never train
@@ -90,11 +92,24 @@ def checkpoint_paths(config) -> dict:
   return out
 
 
+def init_from(config) -> str:
+  """``model.init_from``: a MetaQuery checkpoint in the authors' layout ('' = none)."""
+  return config.model.get("init_from", "") or ""
+
+
 def check_checkpoints(config) -> None:
-  """``model.init='pretrained'`` needs every checkpoint directory (with its config.json);
-  raises ``MissingCheckpoint`` naming each one that is not there."""
+  """``model.init_from`` must be a checkpoint directory; else ``model.init='pretrained'``
+  needs every checkpoint directory (with its config.json); raises ``MissingCheckpoint``
+  naming each one that is not there."""
   if config.model.init not in INITS:
     raise ConfigError(f"model.init {config.model.init!r} is not one of {INITS}")
+  path = init_from(config)
+  if path:
+    if not os.path.isfile(os.path.join(path, "config.json")):
+      raise MissingCheckpoint({"--config.model.init_from": path}, (
+          "it should be a MetaQuery checkpoint directory (config.json + safetensors: what the "
+          "authors' trainer writes, or --mode export with model.export_layout=release)"))
+    return
   if config.model.init != "pretrained":
     return
   missing = {k: v for k, v in checkpoint_paths(config).items()
@@ -123,7 +138,12 @@ class MetaQuery(System):
     m, dec = config.model, config.decoder
     check_checkpoints(config)
     dtype = jnp.dtype(config.dtype)
-    self.mllm_cfg = _mllm_config(config.mllm, dtype, config.scan_layers, config.remat_policy)
+    # model.init_from: the architecture (and, with init='pretrained', every weight) of a
+    # checkpoint in the authors' layout; the config fields it implies are set from it
+    self.release = self._adopt_release(config) if init_from(config) else None
+    rel = self.release
+    self.mllm_cfg = rel.mllm if rel else _mllm_config(config.mllm, dtype, config.scan_layers,
+                                                      config.remat_policy)
     text = self.mllm_cfg if isinstance(self.mllm_cfg, LMConfig) else self.mllm_cfg.text
     self.task = m.task
     if self.task not in TASKS:
@@ -135,7 +155,9 @@ class MetaQuery(System):
         self.task, self.mllm_cfg, m)
     self.prompts = PromptFormat(
         config.mllm.prompt, m.prompt_len, m.caption_tokens,
-        config.mllm.path or config.mllm.tokenizer_dir,
+        config.mllm.path or config.mllm.tokenizer_dir or (rel.mllm_dir if rel else ""),
+        system_prompt=(json.loads(rel.hf_extra).get("system_prompt") if rel else None)
+        or SYSTEM_PROMPT,
         suffix_ids=(json.loads(text.hf_extra).get("eos_token_id", 0),),
         image_tokens=self.images.tokens_per_image if self.images else 0,
         # image tasks on the demo: the shapes-world words plus the instruction words
@@ -148,9 +170,11 @@ class MetaQuery(System):
       self.images.check_prompts(self.prompts, self.mllm_cfg)
     if dec.kind not in DECODERS:
       raise ConfigError(f"decoder.kind {dec.kind!r} is not one of {DECODERS}")
-    if dec.kind == "sd15":
-      if self.task != "t2i":
-        raise ConfigError(f"decoder.kind='sd15' is text-to-image only (model.task={self.task!r})")
+    if dec.kind == "sd15" and self.task != "t2i":
+      raise ConfigError(f"decoder.kind='sd15' is text-to-image only (model.task={self.task!r})")
+    if rel:
+      self.dit_cfg = rel.dit
+    elif dec.kind == "sd15":
       self.dit_cfg = _diffusers_config(dec.unet, dec.unet_path, unet2d.UNetConfig, dtype=dtype,
                                        remat_policy=config.remat_policy)
     else:
@@ -158,14 +182,16 @@ class MetaQuery(System):
                                        scan_layers=config.scan_layers,
                                        remat_policy=config.remat_policy)
     self.ae_cfg = None
-    if dec.autoencoder == "dc_ae":
+    if rel:
+      self.ae_cfg = rel.ae
+    elif dec.autoencoder == "dc_ae":
       self.ae_cfg = _diffusers_config(dec.ae, dec.ae_path, dc_ae.DCAEConfig, dtype=dtype)
     elif dec.autoencoder == "kl":
       self.ae_cfg = _diffusers_config(dec.ae, dec.ae_path, autoencoder_kl.AutoencoderKLConfig,
                                       dtype=dtype)
     elif dec.autoencoder != "pixels":
       raise ConfigError(f"decoder.autoencoder {dec.autoencoder!r} not in {AUTOENCODERS}")
-    self.conn_cfg = ConnectorConfig(
+    self.conn_cfg = rel.connector if rel else ConnectorConfig(
         kind=m.connector, in_dim=text.stack.d_model, out_dim=self.dit_cfg.caption_channels,
         num_layers=m.connector_layers, head_dim=m.connector_head_dim,
         rope_theta=m.connector_rope_theta, dtype=dtype, scan_layers=config.scan_layers,
@@ -176,7 +202,8 @@ class MetaQuery(System):
         dit=self.dit_cfg, autoencoder=dec.autoencoder, ae=self.ae_cfg,
         pixel_patch=dec.pixel_patch, query_init_std=m.query_init_std,
         image_layout=self.images.layout if self.images else None,
-        image_token_id=self.mllm_cfg.image_token_id if self.images else -1)
+        image_token_id=self.mllm_cfg.image_token_id if self.images else -1,
+        full_mllm=rel is not None)
     self.resolution = config.data.resolution
     self.sigmas, self.timesteps = solvers.flow_sigmas(config.sample.num_steps,
                                                       config.sample.flow_shift)
@@ -233,7 +260,12 @@ class MetaQuery(System):
   def init(self, rng, batch):
     variables = self.model.init(rng, batch["prompt_ids"], batch["prompt_mask"],
                                 batch["images"], batch.get("input_views"))
-    if self.config.model.init == "pretrained":
+    if self.release is not None and self.config.model.init == "pretrained":
+      # every group (MLLM, queries, markers, connector, DiT, autoencoder) from the release
+      params = load_into(dict(variables["params"]), "hf", init_from(self.config),
+                         **self._release_overrides())
+      variables = {**variables, "params": params}
+    elif self.config.model.init == "pretrained":
       params = dict(variables["params"])
       dec = self.config.decoder
       scan = dict(scan_layers=self.config.scan_layers)
@@ -368,4 +400,48 @@ class MetaQuery(System):
             "export": self.export_mode}
 
   def export_mode(self, params, workdir):
-    return export_lib.export(self, params, os.path.join(workdir, "export"))
+    """WORKDIR/export: the mmjax PyTorch export (`export`), and/or the authors' layout
+    (`release`): ``model.export_layout`` 'mmjax' | 'release' (WORKDIR/export is then that
+    checkpoint) | 'both' (WORKDIR/export/release); unset or '': 'both' for a run started
+    from such a checkpoint (``model.init_from``), else 'mmjax'."""
+    out = os.path.join(workdir, "export")
+    layout = self.config.model.get("export_layout", "") or (
+        "both" if self.release is not None else "mmjax")
+    if layout not in ("mmjax", "release", "both"):
+      raise ConfigError(f"model.export_layout {layout!r} is not 'mmjax', 'release' or 'both'")
+    if layout == "release":
+      return release_lib.export_release(self, params, out)
+    paths = export_lib.export(self, params, out)
+    if layout == "both":
+      paths["release"] = release_lib.export_release(self, params, os.path.join(out, "release"))
+    return paths
+
+  # -- the authors' checkpoint layout -------------------------------------------------------
+  def _release_overrides(self) -> dict:
+    """`release.from_hf_config` keywords that shape the model: scanned layers and the base
+    model directories configured (else the release's ids must resolve locally)."""
+    dec = self.config.decoder
+    return {"scan_layers": self.config.scan_layers,
+            "mllm_path": self.config.mllm.path or None,
+            "dit_path": dec.dit_path or dec.unet_path or None, "ae_path": dec.ae_path or None}
+
+  def _adopt_release(self, config) -> "release_lib.ReleaseConfig":
+    """Reads ``model.init_from``'s architecture and sets the config fields it implies (MLLM
+    family, queries, connector, decoder kind, autoencoder, resolution, caption budget)."""
+    rel = release_lib.read_release(
+        init_from(config), dtype=jnp.dtype(config.dtype), remat_policy=config.remat_policy,
+        **self._release_overrides())
+    m, dec = config.model, config.decoder
+    m.num_queries, m.connector = rel.num_queries, "enc_proj"
+    m.connector_layers, m.connector_head_dim = rel.connector.num_layers, rel.connector.head_dim
+    m.connector_rope_theta = float(rel.connector.rope_theta)
+    config.mllm.family = "qwen2" if isinstance(rel.mllm, LMConfig) else "llava_onevision"
+    dec.kind = "sd15" if isinstance(rel.dit, unet2d.UNetConfig) else "sana"
+    dec.autoencoder = rel.autoencoder
+    if rel.ae is None:
+      dec.pixel_patch = rel.pixel_patch
+    config.data.resolution = rel.resolution
+    budget = json.loads(rel.hf_extra).get("max_input_text_tokens")
+    if budget and config.mllm.prompt == "chat":
+      m.caption_tokens = int(budget)
+    return rel
