@@ -41,7 +41,8 @@ def dot_product_attention(q, k, v, mask=None, *, impl: str = "xla",
       with heads a multiple of kv_heads (query head i uses kv head i // (heads // kv_heads)).
     mask: bool ``[batch|1, 1|heads, q_len, kv_len]`` (True = attend) or None.
     impl: 'xla' (einsum, fp32 softmax) or 'dot_product_attention' (``jax.nn``'s fused op,
-      which picks cuDNN / TPU kernels where they apply).
+      which picks cuDNN / TPU kernels where they apply), or 'chunked'
+      (``chunked_attention``: query chunks, never the whole logits; fast on CPU).
     scale: logit scale, default ``head_dim ** -0.5``.
     return_weights: also return the attention weights averaged over heads, fp32
       ``[batch, q_len, kv_len]`` ('xla' only; e.g. for a cache-refresh test).
@@ -52,6 +53,14 @@ def dot_product_attention(q, k, v, mask=None, *, impl: str = "xla",
   b, s, h, d = q.shape
   kvh = k.shape[2]
   scale = 1.0 / math.sqrt(d) if scale is None else scale
+  from mmjax.core import tpu_attention  # 'splash': the TPU kernel (falls back to 'xla' off TPU)
+  impl = tpu_attention.choose_impl(impl, q.shape, k.shape, return_weights)
+  if impl == "splash":
+    return tpu_attention.splash_attention(q, k, v, mask, scale=scale)
+  if impl == "chunked":
+    if return_weights:
+      raise ValueError("return_weights needs attention impl 'xla' (chunks hide them)")
+    return chunked_attention(q, k, v, mask, scale=scale)
   if impl == "dot_product_attention":
     if return_weights:
       raise ValueError("return_weights needs attention impl 'xla' (the fused op hides them)")
@@ -72,6 +81,75 @@ def dot_product_attention(q, k, v, mask=None, *, impl: str = "xla",
   out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v)
   out = out.reshape(b, s, h, d).astype(q.dtype)
   return (out, jnp.mean(probs, axis=(1, 2))) if return_weights else out
+
+
+def chunked_attention(q, k, v, mask=None, *, scale: Optional[float] = None,
+                      q_chunk: int = 256):
+  """Softmax attention over query chunks: the same result as ``dot_product_attention``'s
+  'xla' path (to fp32 rounding) without ever holding the whole ``[batch, heads, q_len,
+  kv_len]`` logits: ``q_chunk`` queries' logits at a time, in a ``lax.map`` (on CPU a
+  chunk's logits stay in cache). Heads lead the matmuls (``[b, kv_heads, g c, d] @ [b,
+  kv_heads, d, kv_len]``); the scale is applied to the queries and the softmax normalised
+  after the value product (``[.., d]`` divisions, not ``[.., kv_len]``); a key-padding
+  mask (``[b|1, 1, 1, kv_len]``, e.g. a caption's) becomes an extra key channel holding
+  the bias, paired with a query channel of ones, so the matmul applies it. Memory-efficient
+  attention in the sense of Rabe & Staats, over queries only: the keys stay whole.
+
+  Args: as ``dot_product_attention`` (q ``[b, s, h, d]``, k, v ``[b, t, kv_heads, d]``);
+    mask bool ``[b|1, 1|h, 1|s, t]`` (one that does not vary over queries is never
+    broadcast to them).
+
+  Returns ``[b, s, h, d]`` in ``q.dtype``. Fully masked rows give a finite average.
+
+  >>> q = k = v = jnp.ones((1, 5, 2, 4))
+  >>> chunked_attention(q, k, v, q_chunk=2).shape
+  (1, 5, 2, 4)
+  """
+  b, s, h, d = q.shape
+  t, kvh = k.shape[1], k.shape[2]
+  g = h // kvh
+  scale = 1.0 / math.sqrt(d) if scale is None else scale
+  dt = q.dtype
+  neg = jnp.finfo(jnp.float32).min
+  q = q * jnp.asarray(scale, dt)
+  kt = k.astype(dt).transpose(0, 2, 3, 1)                           # [b, kvh, d, t]
+  vt = v.astype(dt).transpose(0, 2, 1, 3)                           # [b, kvh, t, d]
+  if mask is not None:
+    mask = jnp.asarray(mask, bool)
+    mb, mh, ms = mask.shape[:3]
+    if mh == 1 and ms == 1:                    # key padding: bias through the q.k product
+      bias = jnp.where(mask[:, 0, 0, :], 0.0, neg).astype(dt)       # [mb, t]
+      kt = jnp.concatenate([kt, jnp.broadcast_to(bias[:, None, None, :], (b, kvh, 1, t))], 2)
+      q = jnp.concatenate([q, jnp.ones((b, s, h, 1), dt)], axis=-1)
+      mask = None
+    else:
+      mask = mask.reshape(mb, kvh if mh > 1 else 1, g if mh > 1 else 1, ms, t)
+  de = q.shape[-1]                                                  # d, or d + 1 with a bias
+
+  def attend(qc, mc):                        # qc [b, c, h, de]; mc [mb, ., ., 1|c, t]
+    c = qc.shape[1]
+    qc = qc.reshape(b, c, kvh, g, de).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * c, de)
+    logits = jnp.matmul(qc, kt, preferred_element_type=jnp.float32)  # [b, kvh, g c, t]
+    if mc is not None:
+      logits = jnp.where(mc, logits.reshape(b, kvh, g, c, t), neg).reshape(logits.shape)
+    p = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    out = jnp.matmul(p.astype(v.dtype), vt, preferred_element_type=jnp.float32)
+    out = out / jnp.sum(p, axis=-1, keepdims=True)                  # [b, kvh, g c, d]
+    return out.reshape(b, kvh, g, c, d).transpose(0, 3, 1, 2, 4).reshape(b, c, h, d)
+
+  n = -(-s // q_chunk)
+  if n == 1:
+    return attend(q, mask).astype(dt)
+  pad = n * q_chunk - s
+  qs = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, q_chunk, h, de)
+  qs = jnp.moveaxis(qs, 1, 0)                                       # [n, b, c, h, de]
+  if mask is None or mask.shape[3] == 1:
+    out = jax.lax.map(lambda qc: attend(qc, mask), qs)
+  else:
+    mc = jnp.pad(mask, ((0, 0),) * 3 + ((0, pad), (0, 0)), constant_values=True)
+    mc = jnp.moveaxis(mc.reshape(mc.shape[:3] + (n, q_chunk, t)), 3, 0)
+    out = jax.lax.map(lambda a: attend(*a), (qs, mc))
+  return jnp.moveaxis(out, 0, 1).reshape(b, n * q_chunk, h, d)[:, :s].astype(dt)
 
 
 def relu_linear_attention(q, k, v, eps: float = 1e-15):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 MLP_ACTS = ("swiglu", "geglu", "gelu", "gelu_tanh")
 NORMS = ("rms", "layer")
 QK_NORMS = (None, "rms", "l2_after_rope")
-ATTENTION_IMPLS = ("xla", "dot_product_attention")
+ATTENTION_IMPLS = ("xla", "dot_product_attention", "splash")   # splash: core/tpu_attention.py
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_qkv_proj")
 
 

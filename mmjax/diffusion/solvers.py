@@ -11,7 +11,10 @@ solver itself, `dpm_solver_pp_2m`, is written for any Gaussian path ``alpha x0 +
 
 Conventions: ``model_fn(x, t) -> velocity`` with ``x`` ``[batch, ...]`` and ``t`` ``[batch]``
 on diffusers' timestep scale (0..1000); the velocity is ``eps - x0`` (see `flow`). Latents
-and solver arithmetic are float32 whatever the model's compute dtype.
+and solver arithmetic are float32 whatever the model's compute dtype. For the Sana DiT,
+`mmjax.models.sana_dit.velocity_fn` builds the ``model_fn`` to sample with: the caption's
+cross-attention keys and values computed once per call rather than once per step, blocks
+unrolled, query-chunked attention (``bench/flow_sample.py`` times it against diffusers).
 
 Example::
 

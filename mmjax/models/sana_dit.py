@@ -17,6 +17,10 @@ Blocks are scanned (params under ``transformer_blocks`` with a leading 'layers' 
 unrolled (``transformer_blocks_0`` ...). Our parameter names follow diffusers' module names so
 the import table in ``diffusers_table`` reads line by line.
 
+Sampling: `velocity_fn` computes the caption's cross-attention keys and values once per
+sampling call (`CaptionKV`; they do not change across steps), unrolls the blocks and uses
+query-chunked cross-attention (``bench/flow_sample.py``: against diffusers' SanaPipeline).
+
 Example::
 
     import jax, jax.numpy as jnp
@@ -30,13 +34,14 @@ Example::
     caption, mask = jnp.zeros((1, 5, 12)), jnp.array([[1, 1, 1, 0, 0]])
     params = model.init(jax.random.key(0), x, t, caption, mask)["params"]
     v = model.apply({"params": params}, x, t, caption, mask)      # [1, 8, 8, 4]
+    v = sana_dit.velocity_fn(cfg, params, caption, mask)(x, t)    # the same, for samplers
     # real checkpoints: mmjax.interop.diffusers_io.load_diffusers("/ckpt/Sana_1600M/transformer")
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -44,11 +49,13 @@ import jax.numpy as jnp
 
 from mmjax import core
 from mmjax.core import HeadDense, conv, relu_linear_attention
+from mmjax.core.conv_shifts import cpu_apply
 from mmjax.interop.tables import CONV, FLATTEN, IDENTITY, LINEAR, LINEAR_OUT, Family, Rule
 
 QK_NORMS = (None, "rms_norm_across_heads")
 BLOCKS = "transformer_blocks"
-OURS_ONLY = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl", "family")
+OURS_ONLY = ("dtype", "param_dtype", "scan_layers", "scan_unroll", "remat_policy",
+             "attention_impl", "family")
 
 
 # ----------------------------------------------------------------------------- config
@@ -76,6 +83,7 @@ class SanaConfig:
   dtype: Any = jnp.float32              # compute dtype; linear attention always runs in fp32
   param_dtype: Any = jnp.float32
   scan_layers: bool = True              # nn.scan over blocks ('layers' axis on their params)
+  scan_unroll: int = 1                  # blocks per scan iteration (same params; sampling)
   remat_policy: str = "none"            # see core.remat_policy
   attention_impl: str = "xla"           # cross-attention kernel (core.dot_product_attention)
   family: str = "sana_dit"
@@ -139,6 +147,30 @@ class SanaConfig:
 RMSNormBias = functools.partial(core.RMSNorm, use_bias=True)
 
 
+class Pointwise(nn.Module):
+  """A 1x1 ``Conv2d`` as a matmul over the channels: the parameters of ``core.conv(features,
+  1, axes)`` (kernel ``[1, 1, in, out]``, bias ``[out]``, same names, init and logical axes)
+  and its result; XLA:CPU runs the matmul faster than the convolution."""
+  features: int
+  axes: tuple
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):                                          # [..., in]
+    kernel = self.param("kernel", nn.with_logical_partitioning(
+        nn.initializers.lecun_normal(), (None, None) + tuple(self.axes)),
+        (1, 1, x.shape[-1], self.features), self.param_dtype)
+    y = jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                             (self.axes[1],)),
+                        (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 class GLUMBConv(nn.Module):
   """Mix-FFN on an NHWC grid: ``conv_inverted`` 1x1 (C -> 2h) + SiLU, ``conv_depth``
   depthwise 3x3, split into ``x, gate``, ``x * silu(gate)``, ``conv_point`` 1x1 (h -> out,
@@ -156,11 +188,11 @@ class GLUMBConv(nn.Module):
   def __call__(self, x):                                          # [b, h, w, c]
     outer, hid = self.axes
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = conv(2 * self.hidden, 1, (outer, hid), name="conv_inverted", **kw)(x)
+    h = Pointwise(2 * self.hidden, (outer, hid), name="conv_inverted", **kw)(x)
     h = conv(2 * self.hidden, 3, (None, hid), groups=2 * self.hidden, name="conv_depth",
              **kw)(jax.nn.silu(h))
     h, gate = jnp.split(h, 2, axis=-1)
-    y = conv(self.out, 1, (hid, outer), use_bias=False, name="conv_point", **kw)(
+    y = Pointwise(self.out, (hid, outer), use_bias=False, name="conv_point", **kw)(
         h * jax.nn.silu(gate))
     if self.rms_norm:
       y = core.RMSNorm(eps=1e-5, use_bias=True, name="norm", **kw)(y)
@@ -177,7 +209,11 @@ def _layer_norm(eps: float, dtype):
 class SanaBlock(nn.Module):
   """One Sana block on ``x [b, h, w, D]``: modulated linear self-attention, cross-attention
   to the caption, modulated Mix-FFN. ``__call__(x, temb6, context, context_mask) -> (x,
-  None)`` with positional arguments so ``nn.scan`` can lift it."""
+  None)`` with positional arguments so ``nn.scan`` can lift it.
+
+  ``context`` is the projected caption ``[b, n, D]``, or this block's cross-attention keys
+  and values ``(k, v)`` (each ``[b, n, Hc, dc]``) computed beforehand; ``x=None`` computes
+  only those: ``(None, (k, v))``. ``context_mask`` is ``[b, n]`` bool."""
   cfg: SanaConfig
 
   def _heads(self, heads, head_dim, bias, name):
@@ -201,9 +237,19 @@ class SanaBlock(nn.Module):
                      name=name)(x.reshape(b, n, h * d))
     return y.reshape(b, n, h, d)
 
+  def _caption_kv(self, context):
+    """The cross-attention keys and values of the caption ``[b, n, D]``."""
+    c = self.cfg
+    Hc, dc = c.num_cross_attention_heads, c.cross_attention_head_dim
+    k = self._qk_norm(self._heads(Hc, dc, True, "attn2_to_k")(context), "attn2_norm_k")
+    v = self._heads(Hc, dc, True, "attn2_to_v")(context)
+    return k, v
+
   @nn.compact
   def __call__(self, x, temb6, context, context_mask):
     c = self.cfg
+    if x is None:
+      return None, self._caption_kv(context)
     b, gh, gw, dim = x.shape
     act = ("act_batch", "act_length", "act_embed")
     heads = ("act_batch", "act_length", "act_heads", None)
@@ -227,9 +273,8 @@ class SanaBlock(nn.Module):
     # 2. cross-attention to the caption (no norm, no gate: as in the reference)
     Hc, dc = c.num_cross_attention_heads, c.cross_attention_head_dim
     q = self._qk_norm(self._heads(Hc, dc, True, "attn2_to_q")(x), "attn2_norm_q")
-    k = self._qk_norm(self._heads(Hc, dc, True, "attn2_to_k")(context), "attn2_norm_k")
-    v = self._heads(Hc, dc, True, "attn2_to_v")(context)
-    mask = jnp.broadcast_to(context_mask[:, None, None, :], (b, 1, x.shape[1], k.shape[1]))
+    k, v = context if isinstance(context, tuple) else self._caption_kv(context)
+    mask = context_mask[:, None, None, :]                                   # [b, 1, 1, n]
     o = core.dot_product_attention(core.constrain(q, heads), core.constrain(k, heads),
                                    core.constrain(v, heads), mask, impl=c.attention_impl)
     x = x + self._out("attn2_to_out")(core.constrain(o, heads))
@@ -257,18 +302,83 @@ def pos_embed(dim: int, grid_h: int, grid_w: int, base_size: int, interpolation_
   return jnp.concatenate([core.sincos_1d(dim // 2, xs), core.sincos_1d(dim // 2, ys)], axis=1)
 
 
+class CaptionKV(NamedTuple):
+  """A caption's cross-attention keys and values for every block, ``k``, ``v``
+  ``[layers, b, n, Hc, dc]``, and its mask ``[b, n]`` bool: all the DiT computes from the
+  caption, which no sampling step changes (see `velocity_fn`)."""
+  k: jax.Array
+  v: jax.Array
+  mask: jax.Array
+
+
 class SanaDiT(nn.Module):
   """``apply({'params': p}, latents [b, h, w, C], timestep [b], encoder_hidden_states
   [b, n, caption_channels], encoder_attention_mask [b, n] (1/True = real token) or None)``
   -> prediction ``[b, h, w, out_channels]`` (flow matching: the velocity eps - x0).
 
   ``timestep`` is on the 0..1000 scale (sigma * 1000 for flow matching).
+  ``latents=None`` (and any ``timestep``) returns the caption's `CaptionKV` instead, which
+  may then stand in for ``encoder_hidden_states`` (mask ignored): the same prediction
+  without projecting the caption again.
   """
   config: SanaConfig
+
+  def _caption(self, encoder_hidden_states, encoder_attention_mask):
+    """Caption projection (Linear-GELU(tanh)-Linear) and RMSNorm -> ``([b, n, D], mask)``."""
+    c = self.config
+    dim = c.inner_dim
+    ctx = core.Mlp(dim, act="gelu_tanh", use_bias=True, out_dim=dim, dtype=c.dtype,
+                   param_dtype=c.param_dtype, name="caption_projection")(
+                       encoder_hidden_states.astype(c.dtype))
+    ctx = core.RMSNorm(eps=1e-5, dtype=c.dtype, param_dtype=c.param_dtype,
+                       name="caption_norm")(ctx)
+    if encoder_attention_mask is None:
+      mask = jnp.ones(ctx.shape[:2], bool)
+    else:
+      mask = jnp.asarray(encoder_attention_mask).astype(bool)
+      # the reference masks with a -10000 bias, so a caption with no real token attends to
+      # all of them: keep that (a boolean mask alone would average the values instead)
+      mask = mask | ~jnp.any(mask, axis=-1, keepdims=True)
+    return ctx, mask
+
+  def _blocks(self, x, temb6, context, mask):
+    """The blocks, scanned or unrolled. ``context``: the caption ``[b, n, D]`` (every block
+    projects it) or ``(k, v)`` stacked over blocks on a leading axis. ``x=None``: returns
+    ``(None, (k, v))`` stacked over blocks."""
+    c = self.config
+    per_layer = isinstance(context, tuple)
+    block = SanaBlock
+    if c.remat_policy != "none":
+      block = nn.remat(block, policy=core.remat_policy(c.remat_policy),
+                       prevent_cse=not c.scan_layers)
+    if c.scan_layers:
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast, 0 if per_layer else nn.broadcast, nn.broadcast),
+                      length=c.num_layers, unroll=c.scan_unroll,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      return stack(c, name=BLOCKS)(x, temb6, context, mask)
+    outs = []
+    for i in range(c.num_layers):
+      ctx_i = tuple(a[i] for a in context) if per_layer else context
+      x, out = block(c, name=f"{BLOCKS}_{i}")(x, temb6, ctx_i, mask)
+      outs.append(out)
+    if x is None:
+      return None, tuple(jnp.stack(a) for a in zip(*outs))
+    return x, None
 
   @nn.compact
   def __call__(self, latents, timestep, encoder_hidden_states, encoder_attention_mask=None):
     c = self.config
+    if isinstance(encoder_hidden_states, CaptionKV):
+      kv = encoder_hidden_states
+      context, mask = (kv.k, kv.v), kv.mask
+    else:
+      context, mask = self._caption(encoder_hidden_states, encoder_attention_mask)
+    if latents is None:             # the caption's half of the network: its keys and values
+      if isinstance(context, tuple):
+        raise ValueError("latents=None computes a CaptionKV from a caption, not from one")
+      _, (k, v) = self._blocks(None, None, context, mask)
+      return CaptionKV(k, v, mask)
     b, hgt, wid, _ = latents.shape
     p, dim = c.patch_size, c.inner_dim
     gh, gw = hgt // p, wid // p
@@ -293,32 +403,7 @@ class SanaDiT(nn.Module):
     temb6 = core.dense(6 * dim, ("embed", "mlp"), name="time_embed_linear", **dense)(
         jax.nn.silu(emb))
 
-    # caption: Linear-GELU(tanh)-Linear, RMSNorm
-    ctx = core.Mlp(dim, act="gelu_tanh", use_bias=True, out_dim=dim, dtype=c.dtype,
-                   param_dtype=c.param_dtype, name="caption_projection")(
-                       encoder_hidden_states.astype(c.dtype))
-    ctx = core.RMSNorm(eps=1e-5, dtype=c.dtype, param_dtype=c.param_dtype,
-                       name="caption_norm")(ctx)
-    if encoder_attention_mask is None:
-      mask = jnp.ones(ctx.shape[:2], bool)
-    else:
-      mask = jnp.asarray(encoder_attention_mask).astype(bool)
-      # the reference masks with a -10000 bias, so a caption with no real token attends to
-      # all of them: keep that (a boolean mask alone would average the values instead)
-      mask = mask | ~jnp.any(mask, axis=-1, keepdims=True)
-
-    block = SanaBlock
-    if c.remat_policy != "none":
-      block = nn.remat(block, policy=core.remat_policy(c.remat_policy),
-                       prevent_cse=not c.scan_layers)
-    if c.scan_layers:
-      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast,) * 3, length=c.num_layers,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(c, name=BLOCKS)(x, temb6, ctx, mask)
-    else:
-      for i in range(c.num_layers):
-        x, _ = block(c, name=f"{BLOCKS}_{i}")(x, temb6, ctx, mask)
+    x, _ = self._blocks(x, temb6, context, mask)
 
     # final modulated norm, projection, unpatchify
     table = self.param("scale_shift_table", nn.with_logical_partitioning(
@@ -328,6 +413,55 @@ class SanaDiT(nn.Module):
     x = core.dense(p * p * c.out_channels, ("embed", None), name="proj_out", **dense)(x)
     x = x.reshape(b, gh, gw, p, p, c.out_channels).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, gh * p, gw * p, c.out_channels)
+
+
+# ----------------------------------------------------------------------------- sampling
+def unstack_blocks(params: dict, num_layers: int) -> dict:
+  """Scanned block params (``transformer_blocks`` with a leading 'layers' axis) -> the
+  unrolled layout (``transformer_blocks_0`` ...) of ``scan_layers=False``."""
+  out = {k: v for k, v in params.items() if k != BLOCKS}
+  for i in range(num_layers):
+    out[f"{BLOCKS}_{i}"] = jax.tree.map(lambda a, i=i: a[i], params[BLOCKS])
+  return out
+
+
+def velocity_fn(cfg: SanaConfig, params, encoder_hidden_states, encoder_attention_mask=None,
+                *, unroll: bool | int = True, attention_impl: str = "chunked"):
+  """``model_fn(x, t) -> velocity`` for `mmjax.diffusion.solvers`, built for sampling.
+
+  The caption's cross-attention keys and values (`CaptionKV`) are computed once, here, not
+  at every step (diffusers' pipeline recomputes them each step); ``unroll=True`` samples
+  with the blocks unrolled (the scanned params are sliced once, here), an int ``k`` scans
+  ``k`` blocks per iteration; cross-attention uses ``attention_impl`` ('chunked': query
+  chunks, never the whole ``[b, heads, queries, keys]`` logits); on the CPU backend
+  depthwise convolutions run as shifted sums (`mmjax.core.conv_shifts`). Same prediction
+  as ``SanaDiT(cfg).apply`` (to fp32 rounding). Call it inside the jitted sampler: the
+  rows of ``encoder_hidden_states [rows, n, C]`` are the rows ``model_fn`` sees (for
+  `solvers.cfg_two_way`, ``[uncond; cond]``).
+
+  Example::
+
+    both = jnp.concatenate([uncond, cond])                    # [2b, n, C]
+    @jax.jit
+    def sample(params, both, noise):
+      fn = sana_dit.velocity_fn(cfg, params, both)
+      guided = solvers.cfg_two_way(fn, 4.5)
+      return solvers.dpm_solver_2m_sample(guided, noise, *solvers.flow_sigmas(30, 3.0))
+  """
+  params = nn.unbox(params)
+  cfg = cfg.replace(attention_impl=attention_impl, remat_policy="none")
+  if unroll is True and cfg.scan_layers:
+    params, cfg = unstack_blocks(params, cfg.num_layers), cfg.replace(scan_layers=False)
+  elif unroll and unroll is not True:
+    cfg = cfg.replace(scan_unroll=int(unroll))
+  model = SanaDiT(cfg)
+  variables = {"params": params}
+  caption = cpu_apply(model, variables, None, None, encoder_hidden_states,
+                      encoder_attention_mask)
+
+  def model_fn(x, t):
+    return cpu_apply(model, variables, x, t, caption)
+  return model_fn
 
 
 # ----------------------------------------------------------------------------- interop

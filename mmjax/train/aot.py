@@ -213,7 +213,17 @@ def oom_memory_report(error: Exception, hbm: int | None) -> dict:
           "over_by": None if needed is None else needed - (available or hbm or 0)}
 
 
-def compile_train_step(config: Any, devices: Sequence[Any]) -> dict:
+# XLA:TPU's cost model gives -1 s for each op it offloads to a SparseCore (v5p, v6e: the
+# scatter-adds of embedding and gather gradients), so a program with such ops gets a
+# negative ``optimal_seconds``. Cost compiles (``launch/aot.py --estimate``) keep them on the
+# TensorCore with these options.
+NO_SPARSECORE_OFFLOAD = {"xla_tpu_enable_offloading_scatter_to_sparsecore": "DISABLED",
+                         "xla_tpu_enable_offloading_gather_to_sparsecore": False,
+                         "xla_tpu_enable_offloading_sort_to_sparsecore": False}
+
+
+def compile_train_step(config: Any, devices: Sequence[Any],
+                       compiler_options: dict | None = None) -> dict:
   """Lowers and compiles the train step over ``devices``; returns the pieces for a report.
 
   ``compiled`` is None and ``error`` set when XLA runs out of HBM while compiling.
@@ -232,7 +242,7 @@ def compile_train_step(config: Any, devices: Sequence[Any]) -> dict:
   lowered = step.lower(abstract, batch)
   compiled, error = None, None
   try:
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options=compiler_options or None)
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
