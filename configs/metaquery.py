@@ -43,6 +43,15 @@ CPU demo's MLLM and bridge with a tiny trainable random UNet on 32px pixels:
       --config.decoder.unet_path=/ckpt/stable-diffusion-v1-5/unet \
       --config.decoder.ae_path=/ckpt/stable-diffusion-v1-5/vae
 
+``:l`` / ``:xl``: MetaQuery-L / -XL -- Qwen2.5-VL-3B / 7B-Instruct as the frozen MLLM
+(connector at width 2048 / 3584), otherwise B's recipe (lr 1e-4 -> 1e-5 / 5e-5 -> 1e-6);
+they combine with the task presets (``:xl,edit``) and ``sd15``:
+
+  python launch/tpu.py --config configs/metaquery.py:xl --workdir gs://bucket/mq_xl \
+      --config.mllm.path=/ckpt/Qwen2.5-VL-7B-Instruct \
+      --config.decoder.dit_path=/ckpt/Sana_1600M_512px_diffusers/transformer \
+      --config.decoder.ae_path=/ckpt/Sana_1600M_512px_diffusers/vae
+
 Compile-only pod check (no checkpoints needed):
 
   python launch/aot.py --config configs/metaquery.py --topology v5p:4x4x4 \
@@ -52,7 +61,9 @@ from mmjax.config import base_config
 from mmjax.errors import ConfigError, parse_presets
 
 TASK_PRESETS = ("reconstruct", "edit", "instruct")
-PRESETS = ("demo", "sd15") + TASK_PRESETS + tuple(f"demo_{t}" for t in TASK_PRESETS)
+SIZE_PRESETS = ("l", "xl")      # MetaQuery-L / -XL: Qwen2.5-VL-3B / 7B (default: B)
+PRESETS = (("demo", "sd15") + TASK_PRESETS + tuple(f"demo_{t}" for t in TASK_PRESETS)
+           + SIZE_PRESETS)
 
 # LLaVA-OneVision-0.5B (llava-hf/llava-onevision-qwen2-0.5b-ov-hf config.json, abridged):
 # SigLIP-so400m tower cut at its last layer, Qwen2-0.5B, hidden 896. With ``mllm.path`` set,
@@ -71,6 +82,30 @@ LLAVA_OV_05B = dict(
                      num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0,
                      tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645),
 )
+# Qwen2.5-VL-3B / 7B-Instruct (Qwen/Qwen2.5-VL-{3B,7B}-Instruct config.json, hub layout,
+# abridged): the ViT (32 layers at 1280, windows of 112 px, full attention at 7/15/23/31,
+# 2x2 merger to the LM width) and a Qwen2.5 LM with M-RoPE sections (16, 24, 24).
+_QWEN25_VL_VISION = dict(
+    depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_chans=3,
+    hidden_act="silu", patch_size=14, spatial_patch_size=14, spatial_merge_size=2,
+    temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+    tokens_per_second=2)
+_QWEN25_VL_TEXT = dict(
+    model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForConditionalGeneration"],
+    hidden_act="silu", max_position_embeddings=128000, max_window_layers=70,
+    rms_norm_eps=1e-6, rope_theta=1000000.0, sliding_window=32768, use_sliding_window=False,
+    attention_dropout=0.0, bos_token_id=151643, eos_token_id=151645,
+    vision_start_token_id=151652, vision_end_token_id=151653, vision_token_id=151654,
+    image_token_id=151655, video_token_id=151656,
+    rope_scaling=dict(type="mrope", mrope_section=[16, 24, 24]))
+QWEN25_VL_3B = dict(
+    _QWEN25_VL_TEXT, vocab_size=151936, hidden_size=2048, intermediate_size=11008,
+    num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+    tie_word_embeddings=True, vision_config=dict(_QWEN25_VL_VISION, out_hidden_size=2048))
+QWEN25_VL_7B = dict(
+    _QWEN25_VL_TEXT, vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+    num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+    tie_word_embeddings=False, vision_config=dict(_QWEN25_VL_VISION, out_hidden_size=3584))
 # Sana-1.6B 512px transformer (diffusers SanaTransformer2DModel config): caption width 2304
 SANA_1600M_512 = dict(
     in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32,
@@ -134,7 +169,7 @@ def get_config(arg=None):
                                # "" = mmjax, or both for a run started from init_from
   )
   c.mllm = dict(
-      family="llava_onevision",  # llava_onevision | qwen2 (a text-only MLLM)
+      family="llava_onevision",  # llava_onevision | qwen2_5_vl (:l, :xl) | qwen2 (text-only)
       path="",                   # transformers checkpoint directory (weights + tokenizer)
       tokenizer_dir="",          # tokenizer.json + chat template when not in `path`
       prompt="chat",             # chat (the MLLM's chat template) | plain (<bos> caption)
@@ -193,6 +228,12 @@ def get_config(arg=None):
   c.optim.clip_norm = 0.5
 
   demo, task, sd15 = _presets(arg)
+  size = _size_preset(arg)
+  if size and demo:
+    raise ConfigError(f"presets {arg!r} for configs/metaquery.py: {size} is a paper size, "
+                      f"not a CPU demo")
+  if size:
+    _qwen25_vl(c, size)
   if demo:
     _demo(c)
   if sd15:
@@ -217,6 +258,31 @@ def _presets(arg):
     raise ConfigError(f"presets {arg!r} for configs/metaquery.py name {len(tasks)} tasks "
                       f"({', '.join(tasks)}); a run has one")
   return "demo" in names, (tasks[0] if tasks else None), "sd15" in names
+
+
+def _size_preset(arg):
+  """'l' | 'xl' | None (MetaQuery-B) of the comma-separated presets; at most one."""
+  sizes = [p for p in parse_presets(arg, PRESETS, "configs/metaquery.py") if p in SIZE_PRESETS]
+  if len(sizes) > 1:
+    raise ConfigError(f"presets {arg!r} for configs/metaquery.py name {len(sizes)} sizes")
+  return sizes[0] if sizes else None
+
+
+def _qwen25_vl(c, size):
+  """MetaQuery-L (``:l``, Qwen2.5-VL-3B, width 2048: connector ~1.62B) and -XL (``:xl``,
+  Qwen2.5-VL-7B, width 3584: connector ~4.95B) -- the reference's qwen2p5vl{3b,7b}_sana.yaml:
+  the same queries, connector depth and Sana decoder as B; lr 1e-4 -> 1e-5 (3B), 5e-5 ->
+  1e-6 (7B), warmup 5000. Input images (image tasks) are squares of model.image_size px
+  through Qwen2.5-VL's processor (256..1280 x 28^2 pixels: 512 px -> 324 tokens).
+  --config.mllm.path=/ckpt/Qwen2.5-VL-{3B,7B}-Instruct loads the checkpoint (its own
+  config.json, tokenizer and chat template)."""
+  c.mllm.family = "qwen2_5_vl"
+  c.mllm.hf_config = QWEN25_VL_3B if size == "l" else QWEN25_VL_7B   # replaced, not merged
+  c.model.update(image_size=512, image_min_pixels=256 * 28 * 28,
+                 image_max_pixels=1280 * 28 * 28)
+  if size == "xl":
+    c.optim.lr = 5e-5
+    c.optim.end_lr_ratio = 1e-6 / 5e-5            # -> 1e-6
 
 
 def _demo(c):
@@ -283,6 +349,9 @@ def _demo_sd15(c):
 # Image tokens per input image of LLaVA-OneVision-0.5B on MetaQuery's 384x384 crop (anyres:
 # base view 27*27 + the 1x1 grid picture 27 rows of 27 + newline).
 LLAVA_OV_IMAGE_TOKENS = 27 * 27 + 27 * 28
+# Qwen2.5-VL (:l, :xl) on a 512 px square: 504 px, 36 x 36 patches, 2 x 2 merged (+ the
+# vision start / end markers, counted in the text budget).
+QWEN25_VL_IMAGE_TOKENS = 18 * 18
 
 
 def _paper_task(c, task):
@@ -296,7 +365,9 @@ def _paper_task(c, task):
   images = 6 if task == "instruct" else 1
   text = 64 if task == "reconstruct" else 320        # template (+ caption) budget
   c.model.max_images = images
-  c.model.prompt_len = -(-(text + images * LLAVA_OV_IMAGE_TOKENS) // 64) * 64
+  per_image = (QWEN25_VL_IMAGE_TOKENS if c.mllm.family == "qwen2_5_vl"
+               else LLAVA_OV_IMAGE_TOKENS)
+  c.model.prompt_len = -(-(text + images * per_image) // 64) * 64
   if task == "instruct":
     c.model.min_images = 2
     c.total_steps = 10 * 2_400_000 // 4096

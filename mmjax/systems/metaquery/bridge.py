@@ -32,7 +32,8 @@ The method ("Transfer between Modalities with MetaQueries", spec/metaquery.md):
 7. **Image tasks** (`tasks`: reconstruct, edit, instruct). Input images go through the
    MLLM's frozen vision tower and are spliced at the prompt's image placeholders
    (``MetaQueryModel.image_tokens``); per-task condition dropout (black images, the null
-   prompt) and three-way CFG sampling.
+   prompt) and three-way CFG sampling. The MLLM is LLaVA-OneVision (MetaQuery-B) or
+   Qwen2.5-VL (-L, -XL: its ViT on one patch grid, M-RoPE positions; `mllm_qwen25vl`).
 
 Parameters: ``mllm`` (frozen), ``queries [N, D]``, ``markers [2, D]`` (begin, end),
 ``connector``, ``dit`` (the decoder's denoiser: the Sana DiT, or SD1.5's UNet -- one group
@@ -52,7 +53,9 @@ import jax.numpy as jnp
 from mmjax import core
 from mmjax.models import autoencoder_kl, dc_ae, image_tokens, sana_dit, unet2d
 from mmjax.models import llava_onevision as lov
+from mmjax.models import qwen2_5_vl as qvl
 from mmjax.models.lm import DecoderLM, LMConfig
+from mmjax.systems.metaquery import mllm_qwen25vl as mq_qvl
 
 CONNECTORS = ("enc_proj", "proj_enc")
 AUTOENCODERS = ("dc_ae", "kl", "pixels")
@@ -141,7 +144,8 @@ class MetaQueryModel(nn.Module):
   in slots 0..n-1; the features of the empty slots are computed (static shapes) and never
   used.
   """
-  mllm_cfg: Any                         # LMConfig (text MLLM) | LlavaOnevisionConfig
+  mllm_cfg: Any                         # LMConfig (text MLLM) | LlavaOnevisionConfig |
+                                        # Qwen25VLConfig (mllm_qwen25vl)
   num_queries: int
   suffix_ids: tuple                     # tokens after <end_of_img> (e.g. <|im_end|>)
   connector: ConnectorConfig
@@ -150,14 +154,20 @@ class MetaQueryModel(nn.Module):
   ae: Optional[Any] = None              # dc_ae.DCAEConfig | autoencoder_kl.AutoencoderKLConfig
   pixel_patch: int = 4
   query_init_std: float = 0.02
-  image_layout: Optional[Any] = None    # anyres.ImageLayout of every input image (tasks)
+  image_layout: Optional[Any] = None    # anyres.ImageLayout of every input image (tasks);
+                                        # Qwen2.5-VL: its patch grid (1, h, w)
   image_token_id: int = -1
   full_mllm: bool = False               # init every MLLM weight (the vision tower of a
                                         # text-to-image run too: the authors' layout has it)
 
   def setup(self):
     cfg = self.mllm_cfg
-    self.mllm = DecoderLM(cfg) if isinstance(cfg, LMConfig) else lov.LlavaOnevision(cfg)
+    if isinstance(cfg, LMConfig):
+      self.mllm = DecoderLM(cfg)
+    elif mq_qvl.is_qwen25vl(cfg):
+      self.mllm = qvl.Qwen25VL(cfg)
+    else:
+      self.mllm = lov.LlavaOnevision(cfg)
     d = self.text_config.stack.d_model
     init = nn.with_logical_partitioning(nn.initializers.normal(self.query_init_std),
                                         (None, "embed"))
@@ -191,6 +201,8 @@ class MetaQueryModel(nn.Module):
 
     Sequence: ``prompt (left padded) | begin | q_0 .. q_{N-1} | end | suffix``; causal mask
     over the real tokens; RoPE positions count real tokens (so padding changes nothing).
+    Qwen2.5-VL with input images: M-RoPE positions, image tokens on their grid
+    (``mllm_qwen25vl.positions``); text-only, all three axes count real tokens.
     """
     lm = self._language_model()
     b, p = prompt_ids.shape
@@ -206,7 +218,14 @@ class MetaQueryModel(nn.Module):
                          suffix.astype(dtype)], axis=1)
     mask = jnp.concatenate([prompt_mask.astype(bool),
                             jnp.ones((b, x.shape[1] - p), bool)], axis=1)
-    h = lm.features(inputs_embeds=x, attention_mask=mask)                # post final norm
+    positions = None
+    if views is not None and mq_qvl.is_qwen25vl(self.mllm_cfg):
+      ids = jnp.concatenate([prompt_ids.astype(jnp.int32),                # -1: text
+                             jnp.full((b, x.shape[1] - p), -1, jnp.int32)], axis=1)
+      positions = mq_qvl.positions(self.mllm_cfg, ids, mask, self.image_layout,
+                                   b * views.shape[1])
+    h = lm.features(inputs_embeds=x, attention_mask=mask,               # post final norm
+                    positions=positions)
     h = h[:, p + 1:p + 1 + self.num_queries]                             # [b, N, D]
     return core.constrain(h, ("act_batch", "act_length", "act_embed"))
 
@@ -246,6 +265,9 @@ class MetaQueryModel(nn.Module):
     no gradient)."""
     if self.image_layout is None or isinstance(self.mllm_cfg, LMConfig):
       raise ValueError("input images need an MLLM with a vision tower and an image layout")
+    if mq_qvl.is_qwen25vl(self.mllm_cfg):    # views: [b, K, patches, patch_dim]
+      return jax.lax.stop_gradient(mq_qvl.vision_features(
+          self.mllm, self.mllm_cfg, views, self.image_layout))
     b, k, v = views.shape[:3]
     vis = self.mllm.vision_tower(views.reshape((b * k * v,) + views.shape[3:]))
     feats = vis["encoder_output"]                                        # hidden_states[-1]
@@ -257,7 +279,9 @@ class MetaQueryModel(nn.Module):
     return jax.lax.stop_gradient(feats.reshape(b, -1, feats.shape[-1]))
 
   def __call__(self, prompt_ids, prompt_mask, images, views=None):
-    if self.full_mllm and not isinstance(self.mllm_cfg, LMConfig):
+    if self.full_mllm and mq_qvl.is_qwen25vl(self.mllm_cfg):
+      mq_qvl.init_vision(self.mllm, self.mllm_cfg, self.text_config.stack.dtype)
+    elif self.full_mllm and not isinstance(self.mllm_cfg, LMConfig):
       s = self.mllm_cfg.vision.image_size
       self.mllm.image_features(jnp.zeros((1, s, s, 3), self.text_config.stack.dtype))
     z = self.encode_images(images)

@@ -50,6 +50,7 @@ from mmjax.interop.diffusers_io import save_diffusers
 from mmjax.interop.tables import FLATTEN, IDENTITY, LINEAR, LINEAR_OUT, Family, Rule
 from mmjax.systems.metaquery.release import HEAD_GAIN
 from mmjax.models import llava_onevision as lov
+from mmjax.models import qwen2_5_vl as qvl
 from mmjax.models.lm import DecoderLM, LMConfig
 
 BRIDGE_FORMAT = "mmjax-metaquery-bridge"
@@ -228,6 +229,7 @@ def export(system, params, out_dir: str, *, dtype=None) -> dict:
   if exports_mllm(system):
     out["mllm"] = os.path.join(out_dir, "mllm")
     mllm = (DecoderLM(system.mllm_cfg) if isinstance(system.mllm_cfg, LMConfig)
+            else qvl.Qwen25VL(system.mllm_cfg) if isinstance(system.mllm_cfg, qvl.Qwen25VLConfig)
             else lov.LlavaOnevision(system.mllm_cfg))
     save_hf(mllm, params["mllm"], out["mllm"], dtype=dtype)
     if system.config.mllm.prompt == "plain" and jax.process_index() == 0:   # demo tokenizer

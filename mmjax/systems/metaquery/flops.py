@@ -2,7 +2,9 @@
 
 Counted with the one counter (``mmjax.train.flops``): what trains at ``TRAINED`` passes,
 the frozen MLLM at ``THROUGH`` (forward + backward to its inputs, no weight gradients), the
-frozen vision tower at ``FORWARD`` (its features are a ``stop_gradient``); the frozen
+frozen vision tower at ``FORWARD`` (its features are a ``stop_gradient``: SigLIP, or
+Qwen2.5-VL's windowed ViT, ``qwen25vl_vision_flops``); the MLLM's text stack is Qwen2 /
+Qwen2.5-VL's LM alike (M-RoPE costs no multiply-adds); the frozen
 autoencoder's encoder (forward) and SD1.5's UNet from XLA's cost analysis (the UNet at
 ``THROUGH`` when frozen, as in the paper's SD1.5 setting).
 
@@ -13,6 +15,7 @@ Example::
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -53,6 +56,28 @@ def vision_flops(vision, d_model: int, num_images: int, num_views: int) -> float
   per_view = (n * stack_flops_per_token(vision.stack, n) + n * vision.patch_size ** 2 * 3 * dv
               + n * (dv * d_model + d_model * d_model))
   return fl.flops(num_images * num_views * per_view, fl.FORWARD)
+
+
+def qwen25vl_vision_macs(v, grid) -> float:
+  """Multiply-adds of Qwen2.5-VL's tower (``v``: its ``VisionConfig``) on one image of patch
+  ``grid`` ``(t, h, w)``: patch embedding, the window-attention layers (keys: a window's
+  patches), the full-attention layers (keys: the frame's patches), the 2x2 merger."""
+  t, h, w = grid
+  p, s = t * h * w, v.stack
+  window = min(h * w, (v.window_tokens * v.merge_size) ** 2)
+  n_full = len([i for i in v.fullatt_blocks if i < s.num_layers])
+  one = dataclasses.replace(s, num_layers=1)
+  blocks = (n_full * fl.stack_macs(one, p, h * w)
+            + (s.num_layers - n_full) * fl.stack_macs(one, p, window))
+  wide = s.d_model * v.merge_size ** 2
+  merger = (p // v.merge_size ** 2) * (wide * wide + wide * v.out_dim)
+  return float(p * v.patch_dim * s.d_model + blocks + merger)
+
+
+def qwen25vl_vision_flops(v, grid, num_images: int) -> float:
+  """Forward FLOPs per example of the frozen Qwen2.5-VL tower on ``num_images`` images of
+  patch ``grid`` (no backward: the features are a ``stop_gradient``)."""
+  return fl.flops(num_images * qwen25vl_vision_macs(v, grid), fl.FORWARD)
 
 
 def _xla_flops(fn, *args) -> float:

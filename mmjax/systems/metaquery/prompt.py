@@ -22,10 +22,16 @@ import numpy as np
 from mmjax.data.tokenizer import shapes_tokenizer
 from mmjax.errors import ConfigError
 from mmjax.models import llava_onevision as lov
+from mmjax.models import qwen2_5_vl as qvl
 
 # The reference's system prompt (spec: "Prompt layout").
 SYSTEM_PROMPT = ("You will be given an image or its caption. Please describe the content of "
                  "the image in detail in your own words.")
+
+
+def qvl_image_token() -> str:
+  """Qwen2.5-VL's image placeholder (its checkpoints' tokenizer)."""
+  return "<|image_pad|>"
 
 
 class PromptFormat:
@@ -42,7 +48,8 @@ class PromptFormat:
   Input images (MetaQuery's image tasks): ``encode(caption, num_images=n)`` puts ``n`` image
   placeholders where the template puts them -- chat: the user turn's ``{"type": "image"}``
   items, rendered by the checkpoint's template (LLaVA-OneVision: ``<image>`` before the
-  text); plain: right after ``<bos>`` -- each expanded to ``image_tokens`` copies of the
+  text; Qwen2.5-VL, ``image_token='<|image_pad|>'``: ``<|vision_start|><|image_pad|>
+  <|vision_end|>``); plain: right after ``<bos>`` -- each expanded to ``image_tokens`` copies of the
   image token id (``image_token_id``), which the model replaces by the image's features.
 
   A text-only prompt longer than ``max_len`` keeps its *end* (the caption is already
@@ -53,7 +60,8 @@ class PromptFormat:
 
   def __init__(self, kind: str, max_len: int, caption_tokens: int = 256,
                tokenizer_dir: str = "", system_prompt: str = SYSTEM_PROMPT,
-               suffix_ids: Sequence[int] = (), image_tokens: int = 0, tokenizer=None):
+               suffix_ids: Sequence[int] = (), image_tokens: int = 0, tokenizer=None,
+               image_token: str = "<image>"):
     self.kind, self.max_len, self.caption_tokens = kind, int(max_len), int(caption_tokens)
     self.image_tokens, self.image_token_id = int(image_tokens), None
     self.system_prompt = system_prompt
@@ -68,7 +76,8 @@ class PromptFormat:
       self.vocab_size = self.tokenizer.vocab_size
       self.image_token_id = self.tokenizer.tokenizer.token_to_id("<image>")
     elif kind == "chat" and tokenizer_dir:
-      proc = lov.Processor.from_dir(tokenizer_dir)
+      cls = qvl.Processor if image_token == qvl_image_token() else lov.Processor
+      proc = cls.from_dir(tokenizer_dir, image_token)   # Qwen2.5-VL: its default template
       self.tokenizer = proc.tokenizer
       self._encode = lambda text: proc.tokenizer.encode(text, add_special_tokens=False).ids
       self._render = proc.chat

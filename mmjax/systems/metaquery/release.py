@@ -7,7 +7,7 @@ The layout, as learnt from the authors' public trainer code (facebookresearch/me
 the HF Trainer's ``save_pretrained`` of their top-level model):
 
 * ``config.json``: ``model_type: metaquery``, the parts named by their base models --
-  ``mllm_id`` (a LLaVA-OneVision checkpoint), ``diffusion_model_id`` (Sana: its
+  ``mllm_id`` (a LLaVA-OneVision or Qwen2.5-VL checkpoint), ``diffusion_model_id`` (Sana: its
   ``transformer/`` subfolder; SD1.5: ``unet/``), ``vae_id`` (Sana: ``vae/``; else the root,
   then ``vae/``) -- and ``num_metaqueries``, ``connector_num_hidden_layers``, ``input_size``
   (the latent side), ``in_channels``, ``vae_downsample_f``, ``max_input_text_tokens``,
@@ -21,8 +21,9 @@ the HF Trainer's ``save_pretrained`` of their top-level model):
   extension the authors' code does not read.
 * ``model.mllm_backbone.*``: the MLLM in transformers-4.49 names (LLaVA-OneVision:
   ``vision_tower.vision_model.*``, ``multi_modal_projector.linear_{1,2}.*``,
-  ``language_model.model.*``, ``image_newline``; a text-only Qwen2, our extension:
-  ``model.*``) and no ``lm_head`` (it is an identity there: the "logits" are the final hidden
+  ``language_model.model.*``, ``image_newline``; Qwen2.5-VL (MetaQuery-L / -XL; their code
+  picks it when ``mllm_id`` contains "Qwen2.5-VL"): ``visual.*`` (the tower and merger),
+  ``model.*`` (the LM); a text-only Qwen2, our extension: ``model.*``) and no ``lm_head`` (it is an identity there: the "logits" are the final hidden
   states after the final norm). ``embed_tokens`` has V + N + 2 rows, V the base config's
   ``vocab_size``: row V is ``<begin_of_img>``, V+1 ``<end_of_img>``, V+2+i query i (their
   tokenizer is padded to V and then given these tokens in that order). Rows V.. are our
@@ -67,6 +68,7 @@ from mmjax.interop.reader import (INDEX_FILE, SINGLE_FILE, CheckpointMismatchErr
 from mmjax.interop.tables import (FLATTEN, IDENTITY, LINEAR, LINEAR_OUT, Family, Part, Rule)
 from mmjax.models import autoencoder_kl, dc_ae, qwen2, sana_dit, siglip, unet2d
 from mmjax.models import llava_onevision as lov
+from mmjax.models import qwen2_5_vl as qvl
 from mmjax.models.lm import LMConfig
 from mmjax.systems.metaquery.bridge import ConnectorConfig, MetaQueryModel
 
@@ -119,7 +121,7 @@ HEAD_GAIN = HeadGain()
 @dataclasses.dataclass(frozen=True)
 class ReleaseConfig:
   """A MetaQuery checkpoint's architecture: MLLM, connector, DiT (or UNet), autoencoder."""
-  mllm: Any                    # LMConfig (text Qwen2) | LlavaOnevisionConfig
+  mllm: Any                    # LMConfig (text Qwen2) | LlavaOnevisionConfig | Qwen25VLConfig
   connector: ConnectorConfig
   dit: Any                     # SanaConfig | UNetConfig
   ae: Any                      # DCAEConfig | AutoencoderKLConfig | None (pixel latents)
@@ -265,8 +267,14 @@ def _mllm_config(mllm_hf: dict, **kw):
   if mllm_hf.get("model_type") == "qwen2":
     return qwen2.from_hf_config(dict(mllm_hf, tie_word_embeddings=True,
                                      use_sliding_window=False), **kw)
+  if mllm_hf.get("model_type") == "qwen2_5_vl":
+    if mllm_hf.get("text_config"):
+      mllm_hf["text_config"] = dict(mllm_hf["text_config"], tie_word_embeddings=True,
+                                    use_sliding_window=False)
+    return qvl.from_hf_config(dict(mllm_hf, tie_word_embeddings=True, use_sliding_window=False),
+                              **kw)
   raise NotImplementedError(f"a MetaQuery MLLM of model_type {mllm_hf.get('model_type')!r} "
-                            f"(supported: llava_onevision, qwen2)")
+                            f"(supported: llava_onevision, qwen2_5_vl, qwen2)")
 
 
 def from_hf_config(hf: dict, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
@@ -373,6 +381,9 @@ def mllm_table(cfg: ReleaseConfig) -> list:
   if isinstance(m, LMConfig):
     table, embed = qwen2.hf_table(m, "model.", "lm_head.weight"), "model.embed_tokens.weight"
     ours_embed = "mllm/embed_tokens/embedding"
+  elif isinstance(m, qvl.Qwen25VLConfig):   # transformers 4.49: visual.*, model.* (the LM)
+    table, embed = qvl.hf_table(m), "model.embed_tokens.weight"
+    ours_embed = "mllm/language_model/embed_tokens/embedding"
   else:   # transformers 4.49 keeps SigLIP's own vision_model level
     table = [Rule("vision_tower.vision_model." + r.hf[len("vision_tower."):]
                   if r.hf.startswith("vision_tower.") else r.hf, r.ours, r.transform)
@@ -429,8 +440,8 @@ def hf_ignore(cfg: ReleaseConfig) -> tuple:
   """Buffers (rotary tables, position ids, BatchNorm counters), SigLIP parts a cut tower
   does not use."""
   m = re.escape(MLLM)
-  out = [r".*rotary_emb\.inv_freq", m + r".*position_ids"]
-  if not isinstance(cfg.mllm, LMConfig):
+  out = [r".*rotary_emb\.inv_freq", r".*rotary_pos_emb\.inv_freq", m + r".*position_ids"]
+  if isinstance(cfg.mllm, lov.LlavaOnevisionConfig):
     out += list(siglip.hf_ignore(cfg.mllm.vision, MLLM + "vision_tower.vision_model."))
   for part, prefix in ((cfg.dit, DIT), (cfg.ae, VAE)):
     if part is not None:

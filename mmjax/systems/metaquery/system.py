@@ -42,13 +42,14 @@ from mmjax.errors import ConfigError, MissingCheckpoint
 from mmjax.interop.subtree import load_into
 from mmjax.models import autoencoder_kl, dc_ae, qwen2, sana_dit, unet2d
 from mmjax.models import llava_onevision as lov
+from mmjax.models import qwen2_5_vl as qvl
 from mmjax.models.lm import LMConfig
 from mmjax.systems.base import System
 from mmjax.systems.metaquery import export as export_lib
 from mmjax.systems.metaquery import flops, modes, release as release_lib, tasks
 from mmjax.systems.metaquery.bridge import (AUTOENCODERS, CONNECTORS, ConnectorConfig,
                                             MetaQueryModel)
-from mmjax.systems.metaquery.prompt import SYSTEM_PROMPT, PromptFormat
+from mmjax.systems.metaquery.prompt import SYSTEM_PROMPT, PromptFormat, qvl_image_token
 
 TASKS = ("t2i", "reconstruct", "edit", "instruct")   # model.task
 FROZEN = ("mllm", "vae")          # top-level parameter groups that never train
@@ -57,8 +58,8 @@ DECODERS = ("sana", "sd15")       # decoder.kind
 
 
 def _mllm_config(m, dtype, scan_layers, remat):
-  """LMConfig / LlavaOnevisionConfig from ``config.mllm`` (its ``hf_config`` dict, or the
-  checkpoint's ``config.json`` when ``path`` is set)."""
+  """LMConfig / LlavaOnevisionConfig / Qwen25VLConfig from ``config.mllm`` (its ``hf_config``
+  dict, or the checkpoint's ``config.json`` when ``path`` is set)."""
   hf_cfg = m.hf_config.to_dict() if hasattr(m.hf_config, "to_dict") else dict(m.hf_config)
   if m.path:
     with open(os.path.join(m.path, "config.json")) as f:
@@ -68,7 +69,10 @@ def _mllm_config(m, dtype, scan_layers, remat):
     return qwen2.from_hf_config(hf_cfg, **kw)
   if m.family == "llava_onevision":
     return lov.from_hf_config(hf_cfg, **kw)
-  raise ConfigError(f"mllm.family {m.family!r} is not 'qwen2' or 'llava_onevision'")
+  if m.family == "qwen2_5_vl":
+    return qvl.from_hf_config(hf_cfg, **kw)
+  raise ConfigError(f"mllm.family {m.family!r} is not 'qwen2', 'llava_onevision' or "
+                    f"'qwen2_5_vl'")
 
 
 def _diffusers_config(section, path, cls, **overrides):
@@ -117,7 +121,8 @@ def check_checkpoints(config) -> None:
   if missing:
     raise MissingCheckpoint(missing, hint=(
         "MetaQuery needs pretrained checkpoints, each a directory with a config.json: "
-        "LLaVA-OneVision-0.5B (llava-hf/llava-onevision-qwen2-0.5b-ov-hf) as --config.mllm.path"
+        "LLaVA-OneVision-0.5B (llava-hf/llava-onevision-qwen2-0.5b-ov-hf; :l / :xl presets: "
+        "Qwen/Qwen2.5-VL-3B-Instruct / Qwen/Qwen2.5-VL-7B-Instruct) as --config.mllm.path"
         " and Sana-1.6B 512px in diffusers format (transformer/ and vae/) as "
         "--config.decoder.dit_path and --config.decoder.ae_path (configs/metaquery.py:sd15: "
         "SD1.5's unet/ and vae/ as --config.decoder.unet_path and --config.decoder.ae_path); "
@@ -162,7 +167,9 @@ class MetaQuery(System):
         image_tokens=self.images.tokens_per_image if self.images else 0,
         # image tasks on the demo: the shapes-world words plus the instruction words
         tokenizer=(shapes_tasks.task_tokenizer()
-                   if self.images and config.mllm.prompt == "plain" else None))
+                   if self.images and config.mllm.prompt == "plain" else None),
+        image_token=(qvl_image_token() if isinstance(self.mllm_cfg, qvl.Qwen25VLConfig)
+                     else "<image>"))
     if config.mllm.prompt == "plain" and self.prompts.vocab_size > text.vocab_size:
       raise ConfigError(f"the demo tokenizer has {self.prompts.vocab_size} ids, the MLLM "
                         f"vocabulary {text.vocab_size}")
@@ -353,6 +360,13 @@ class MetaQuery(System):
 
     def batched(x, t):
       return self.apply(params, x, t, both, method=MetaQueryModel.velocity)
+    if isinstance(self.dit_cfg, sana_dit.SanaConfig):
+      # the DiT built for sampling: the condition's cross-attention K/V once, not per step;
+      # blocks unrolled; on CPU query-chunked cross-attention (bench/flow_sample.py)
+      cpu = jax.default_backend() == "cpu"
+      batched = sana_dit.velocity_fn(
+          self.dit_cfg, params["dit"], both,
+          attention_impl="chunked" if cpu else self.dit_cfg.attention_impl)
 
     guided = solvers.cfg_two_way(batched, scale)
     if self.ddpm_schedule is not None:
@@ -435,7 +449,9 @@ class MetaQuery(System):
     m.num_queries, m.connector = rel.num_queries, "enc_proj"
     m.connector_layers, m.connector_head_dim = rel.connector.num_layers, rel.connector.head_dim
     m.connector_rope_theta = float(rel.connector.rope_theta)
-    config.mllm.family = "qwen2" if isinstance(rel.mllm, LMConfig) else "llava_onevision"
+    config.mllm.family = ("qwen2" if isinstance(rel.mllm, LMConfig) else
+                          "qwen2_5_vl" if isinstance(rel.mllm, qvl.Qwen25VLConfig)
+                          else "llava_onevision")
     dec.kind = "sd15" if isinstance(rel.dit, unet2d.UNetConfig) else "sana"
     dec.autoencoder = rel.autoencoder
     if rel.ae is None:

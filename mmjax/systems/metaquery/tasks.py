@@ -48,6 +48,10 @@ record's index by `mmjax.data.shapes_tasks.make_example` (same seed; instruct dr
 ``{'image': target, 'caption': instruction, 'source_images': [image, ...]}`` (edit also
 accepts ``'source_image'``; reconstruct needs only ``'image'``), images as encoded bytes or
 uint8 arrays.
+
+A Qwen2.5-VL MLLM (``mllm.family='qwen2_5_vl'``) takes each image as one square of
+``model.image_size`` px cut into its patch grid (`mllm_qwen25vl.ImageInputs`:
+``input_views [K, patches, patch_dim]``) and M-RoPE positions on that grid.
 """
 from __future__ import annotations
 
@@ -65,6 +69,7 @@ from mmjax.errors import ConfigError
 from mmjax.models import anyres
 from mmjax.models import llava_onevision as lov
 from mmjax.systems.metaquery import flops
+from mmjax.systems.metaquery import mllm_qwen25vl as mq_qvl
 from mmjax.systems.metaquery.bridge import MetaQueryModel
 
 IMAGE_VIEWS = ("anyres", "single")
@@ -87,15 +92,18 @@ class ImageInputs:
 
   @classmethod
   def from_config(cls, task: str, mllm_cfg, model_cfg) -> "ImageInputs":
-    if not isinstance(mllm_cfg, lov.LlavaOnevisionConfig):
+    """LLaVA-OneVision's views; Qwen2.5-VL: `mllm_qwen25vl.ImageInputs` (one patch grid)."""
+    if not isinstance(mllm_cfg, lov.LlavaOnevisionConfig) and not mq_qvl.is_qwen25vl(mllm_cfg):
       raise ConfigError(f"model.task={task!r} reads images: it needs an MLLM with a vision "
-                        f"tower (mllm.family='llava_onevision')")
-    kind = model_cfg.image_views
-    if kind not in IMAGE_VIEWS:
-      raise ConfigError(f"model.image_views {kind!r} is not one of {IMAGE_VIEWS}")
+                        f"tower (mllm.family='llava_onevision' or 'qwen2_5_vl')")
     slots = 1 if task in SINGLE_IMAGE_TASKS else int(model_cfg.max_images)
     if slots < 1:
       raise ConfigError(f"model.max_images must be >= 1, got {slots}")
+    if mq_qvl.is_qwen25vl(mllm_cfg):
+      return mq_qvl.ImageInputs.from_config(task, mllm_cfg, model_cfg, slots)
+    kind = model_cfg.image_views
+    if kind not in IMAGE_VIEWS:
+      raise ConfigError(f"model.image_views {kind!r} is not one of {IMAGE_VIEWS}")
     vis = mllm_cfg.vision
     tile, grid = vis.image_size, vis.grid
     if kind == "single":
