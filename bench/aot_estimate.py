@@ -15,7 +15,6 @@ when an error exceeds ``--tolerance`` (5%).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 
@@ -33,12 +32,8 @@ MID_LAVIDA = [
 
 
 def _launcher():
-  spec = importlib.util.spec_from_file_location("launch_aot", os.path.join(ROOT, "launch",
-                                                                           "aot.py"))
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module   # (its dataclasses look their module up)
-  spec.loader.exec_module(module)
-  return module
+  from launch import aot     # launch/ on the path: the repository root (a namespace package)
+  return aot
 
 
 def main(argv=None) -> int:

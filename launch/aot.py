@@ -157,21 +157,6 @@ def set_field(config: Any, path: str, value: Any) -> None:
   node[last] = value
 
 
-def unrolled(config: Any) -> Any:
-  """A copy with every ``scan_layers`` field (nested configs too) False."""
-  config = config.copy_and_resolve_references()
-
-  def walk(node):
-    for key in list(node.keys()):
-      value = node[key]
-      if key == "scan_layers" and isinstance(value, bool):
-        node[key] = False
-      elif hasattr(value, "keys"):
-        walk(value)
-  walk(config)
-  return config
-
-
 def stacks_of(config: Any, spec: str = "") -> list[tuple[Stack, str, int]]:
   """``(stack, resolved path, full depth)`` of the stacks the estimate varies."""
   if spec:
@@ -195,7 +180,8 @@ def stacks_of(config: Any, spec: str = "") -> list[tuple[Stack, str, int]]:
 
 def at_depths(config: Any, stacks: Sequence, depths: dict) -> Any:
   """``config`` unrolled, with ``depths[name]`` layers in each named stack."""
-  config = unrolled(config)
+  from mmjax.train import aot
+  config = aot.unrolled(config)
   for stack, path, full in stacks:
     d = depths.get(stack.name, full)
     for tied in stack.tied:
@@ -375,8 +361,9 @@ def estimate_mfu(system: Any, config: Any, est: dict, chips: int, device_kind: s
 
 def check_unrolled(config: Any, devices: Sequence, est: dict) -> dict:
   """The whole model compiled unrolled, and the estimate's relative error against it."""
+  from mmjax.train import aot
   overrides = COST_OVERRIDES.get(config.system, {})
-  full = unrolled(config)
+  full = aot.unrolled(config)
   for path, value in overrides.items():
     if _resolve(full, path):
       set_field(full, path, value)

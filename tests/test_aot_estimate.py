@@ -1,8 +1,6 @@
 """``launch/aot.py --estimate``: the config surgery behind it, and the extrapolation against a
 whole unrolled compile on a small model (libtpu's TPU compiler, no TPU needed)."""
-import importlib.util
 import os
-import sys
 
 import pytest
 
@@ -20,12 +18,8 @@ def quiet_libtpu(monkeypatch):
 
 
 def _launcher():
-  spec = importlib.util.spec_from_file_location("launch_aot", os.path.join(ROOT, "launch",
-                                                                           "aot.py"))
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module   # (its dataclasses look their module up)
-  spec.loader.exec_module(module)
-  return module
+  from launch import aot     # launch/ on the path: the repository root (a namespace package)
+  return aot
 
 
 def test_depths_and_unrolling_of_nested_configs():

@@ -251,9 +251,18 @@ def compile_train_step(config: Any, devices: Sequence[Any],
           "error": error}
 
 
-def _unrolled(config: Any) -> Any:
+def unrolled(config: Any) -> Any:
+  """A copy with every ``scan_layers`` field (nested configs too) False."""
   config = config.copy_and_resolve_references()
-  config.scan_layers = False
+
+  def walk(node):
+    for key in list(node.keys()):
+      value = node[key]
+      if key == "scan_layers" and isinstance(value, bool):
+        node[key] = False
+      elif hasattr(value, "keys"):
+        walk(value)
+  walk(config)
   return config
 
 
@@ -279,9 +288,9 @@ def aot_report(config: Any, topology: str, num_slices: int = 1,
   else:
     memory, cost = memory_report(compiled, hbm), cost_report(compiled)
     if unrolled_cost and config.scan_layers:
-      unrolled = compile_train_step(_unrolled(config), devices)["compiled"]
-      if unrolled is not None:
-        cost = dict(cost_report(unrolled), from_unrolled_layers=True)
+      whole = compile_train_step(unrolled(config), devices)["compiled"]
+      if whole is not None:
+        cost = dict(cost_report(whole), from_unrolled_layers=True)
   return {
       "topology": topology,
       "num_slices": num_slices,

@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 
 from mmjax.data import image as image_ops
-from mmjax.errors import ConfigError
 from mmjax.models import qwen2_5_vl as qvl
 from mmjax.systems.metaquery import flops
+from mmjax.systems.metaquery.prompt import ImageSlots
 
 IMAGE_TOKEN = "<|image_pad|>"
 MIN_PIXELS, MAX_PIXELS = 256 * 28 * 28, 1280 * 28 * 28    # the reference's processor settings
@@ -71,7 +71,7 @@ def init_vision(mllm, cfg: qvl.Qwen25VLConfig, dtype):
 
 
 @dataclasses.dataclass(frozen=True)
-class ImageInputs:
+class ImageInputs(ImageSlots):
   """How input images enter a Qwen2.5-VL MLLM (the interface of `tasks.ImageInputs`):
   ``slots`` (K) per example, each a ``tile`` x ``tile`` square cut into the patch ``grid``."""
   task: str
@@ -132,24 +132,6 @@ class ImageInputs:
     patches, grid = qvl.preprocess_image(image, self.settings)
     assert tuple(grid) == self.grid, (grid, self.grid)
     return patches
-
-  def dummy(self, batch_size: int, prompt_len: int) -> dict:
-    return {"null_ids": np.zeros((batch_size, prompt_len), np.int32),
-            "null_mask": np.ones((batch_size, prompt_len), bool),
-            "input_views": np.zeros((batch_size,) + self.view_shape, np.float32),
-            "input_valid": np.ones((batch_size, self.slots), bool)}
-
-  def check_prompts(self, prompts, mllm_cfg) -> None:
-    if prompts.tokenizer is None:
-      return
-    if prompts.image_token_id != mllm_cfg.image_token_id:
-      raise ConfigError(f"the tokenizer's image token id {prompts.image_token_id} is not the "
-                        f"MLLM's image_token_id {mllm_cfg.image_token_id}")
-    need = prompts.min_len(self.slots, 0 if self.task == "reconstruct" else None)
-    if need > prompts.max_len:
-      raise ConfigError(f"model.task={self.task!r} with {self.slots} image(s) of "
-                        f"{self.tokens_per_image} tokens needs model.prompt_len >= {need}, "
-                        f"got {prompts.max_len}")
 
   def vision_flops(self, mllm_cfg) -> float:
     """Forward FLOPs per example of the frozen tower + merger on the K images."""

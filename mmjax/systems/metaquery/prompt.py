@@ -173,3 +173,29 @@ class PromptFormat:
     counts = [num_images] * len(captions) if isinstance(num_images, int) else num_images
     pairs = [self.encode(c, n) for c, n in zip(captions, counts)]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+class ImageSlots:
+  """What both kinds of image inputs share (LLaVA-OneVision views: `tasks.ImageInputs`;
+  Qwen2.5-VL patches: `mllm_qwen25vl.ImageInputs`), from their ``task``, ``slots``,
+  ``view_shape`` and ``tokens_per_image``."""
+
+  def dummy(self, batch_size: int, prompt_len: int) -> dict:
+    return {"null_ids": np.zeros((batch_size, prompt_len), np.int32),
+            "null_mask": np.ones((batch_size, prompt_len), bool),
+            "input_views": np.zeros((batch_size,) + self.view_shape, np.float32),
+            "input_valid": np.ones((batch_size, self.slots), bool)}
+
+  def check_prompts(self, prompts, mllm_cfg) -> None:
+    """The tokenizer's placeholder is the MLLM's image token, and the longest prompt (K
+    images, a full caption) fits ``model.prompt_len`` (only when a tokenizer is there)."""
+    if prompts.tokenizer is None:
+      return
+    if prompts.image_token_id != mllm_cfg.image_token_id:
+      raise ConfigError(f"the tokenizer's image token id {prompts.image_token_id} is not the "
+                        f"MLLM's image token id {mllm_cfg.image_token_id}")
+    need = prompts.min_len(self.slots, 0 if self.task == "reconstruct" else None)
+    if need > prompts.max_len:
+      raise ConfigError(f"model.task={self.task!r} with {self.slots} image(s) of "
+                        f"{self.tokens_per_image} tokens needs model.prompt_len >= {need}, "
+                        f"got {prompts.max_len}")

@@ -358,8 +358,6 @@ class MetaQuery(System):
     scale = self.config.sample.guidance if guidance is None else guidance
     both = jnp.concatenate([uncond, cond])
 
-    def batched(x, t):
-      return self.apply(params, x, t, both, method=MetaQueryModel.velocity)
     if isinstance(self.dit_cfg, sana_dit.SanaConfig):
       # the DiT built for sampling: the condition's cross-attention K/V once, not per step;
       # blocks unrolled; on CPU query-chunked cross-attention (bench/flow_sample.py)
@@ -367,6 +365,9 @@ class MetaQuery(System):
       batched = sana_dit.velocity_fn(
           self.dit_cfg, params["dit"], both,
           attention_impl="chunked" if cpu else self.dit_cfg.attention_impl)
+    else:
+      def batched(x, t):
+        return self.apply(params, x, t, both, method=MetaQueryModel.velocity)
 
     guided = solvers.cfg_two_way(batched, scale)
     if self.ddpm_schedule is not None:

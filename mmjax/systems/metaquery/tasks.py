@@ -71,13 +71,14 @@ from mmjax.models import llava_onevision as lov
 from mmjax.systems.metaquery import flops
 from mmjax.systems.metaquery import mllm_qwen25vl as mq_qvl
 from mmjax.systems.metaquery.bridge import MetaQueryModel
+from mmjax.systems.metaquery.prompt import ImageSlots
 
 IMAGE_VIEWS = ("anyres", "single")
 SINGLE_IMAGE_TASKS = ("reconstruct", "edit")
 
 
 @dataclasses.dataclass(frozen=True)
-class ImageInputs:
+class ImageInputs(ImageSlots):
   """How input images enter the MLLM: ``slots`` (K) per example, ``layout`` of each image's
   tokens (static), ``num_views`` (V) views of ``tile`` x ``tile`` pixels."""
   task: str
@@ -139,26 +140,6 @@ class ImageInputs:
                                      self.max_views)
       assert layout == self.layout, (layout, self.layout)
     return anyres.normalize(v)
-
-  def dummy(self, batch_size: int, prompt_len: int) -> dict:
-    return {"null_ids": np.zeros((batch_size, prompt_len), np.int32),
-            "null_mask": np.ones((batch_size, prompt_len), bool),
-            "input_views": np.zeros((batch_size,) + self.view_shape, np.float32),
-            "input_valid": np.ones((batch_size, self.slots), bool)}
-
-  def check_prompts(self, prompts, mllm_cfg) -> None:
-    """The tokenizer's placeholder is the MLLM's image token, and the longest prompt (K
-    images, a full caption) fits ``model.prompt_len`` (only when a tokenizer is there)."""
-    if prompts.tokenizer is None:
-      return
-    if prompts.image_token_id != mllm_cfg.image_token_id:
-      raise ConfigError(f"the tokenizer's image token id {prompts.image_token_id} is not the "
-                        f"MLLM's image_token_index {mllm_cfg.image_token_id}")
-    need = prompts.min_len(self.slots, 0 if self.task == "reconstruct" else None)
-    if need > prompts.max_len:
-      raise ConfigError(f"model.task={self.task!r} with {self.slots} image(s) of "
-                        f"{self.tokens_per_image} tokens needs model.prompt_len >= {need}, "
-                        f"got {prompts.max_len}")
 
   def vision_flops(self, mllm_cfg) -> float:
     """Forward FLOPs per example of the frozen tower + projector on all K x V views (no
